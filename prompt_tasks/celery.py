@@ -1,0 +1,100 @@
+"""The Celery application (``celery -A prompt_tasks``).
+
+Its configuration is computed lazily from :class:`~prompt_tasks.settings.Settings` the first
+time it is needed, so importing this module reads no environment. Serialization is JSON only:
+a pickled message is refused by every worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from prompt_tasks.settings import Settings
+
+__all__ = ["TASK_MODULES", "app", "celery_config", "create_app", "settings_of"]
+
+#: Modules whose tasks every process of the fleet registers.
+TASK_MODULES: list[str] = []
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery configuration for ``settings``."""
+    import beat_schedule
+
+    return {
+        "broker_url": settings.broker,
+        "result_backend": settings.backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": "default",
+        "task_create_missing_queues": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # gevent workers ack from many greenlets: the default pool of 10 runs dry.
+            "max_connections": 200,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "result_expires": 24 * 3600,
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": beat_schedule.schedule(settings),
+        "include": list(TASK_MODULES),
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from ``settings`` (or, lazily, from the environment)."""
+    celery_app = Celery("prompt_tasks", set_as_current=settings is None)
+    if settings is not None:
+        celery_app.conf.update(celery_config(settings))
+        celery_app.prompt_settings = settings  # type: ignore[attr-defined]
+    else:
+        celery_app.add_defaults(lambda: celery_config(settings_of(celery_app)))
+    return celery_app
+
+
+def settings_of(celery_app: Celery) -> Settings:
+    """The settings ``celery_app`` was built from (read from the environment once)."""
+    settings = getattr(celery_app, "prompt_settings", None)
+    if settings is None:
+        settings = Settings()
+        celery_app.prompt_settings = settings  # type: ignore[attr-defined]
+    return settings
+
+
+app = create_app()
+
+
+@worker_process_init.connect
+def _fresh_context_after_fork(**_: Any) -> None:
+    """A forked pool child must not share its parent's sockets: drop the inherited context."""
+    from celery import current_app
+
+    from prompt_tasks.context import drop_context
+
+    drop_context(current_app)
+
+
+@worker_process_shutdown.connect
+def _close_context(**_: Any) -> None:
+    from celery import current_app
+
+    from prompt_tasks.context import drop_context
+
+    drop_context(current_app)

@@ -1,0 +1,66 @@
+"""The ``prompt-tasks`` command line.
+
+The settings are built here, once, from the environment, and handed to every command through
+the click context. Each command family lives in its own module of this package and is
+registered in :data:`COMMAND_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import click
+
+from prompt_tasks.settings import Settings
+
+__all__ = ["main", "pass_settings"]
+
+#: Modules that define commands (each exposes ``COMMANDS``, a list of click commands).
+COMMAND_MODULES: list[str] = []
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Prompt Processing as a Celery task pipeline."""
+    ctx.obj = Settings()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_settings
+def config(settings: Settings, as_json: bool) -> None:
+    """Print the effective settings, secrets masked."""
+    public = settings.public()
+    if as_json:
+        click.echo(json.dumps(public, indent=2, sort_keys=True))
+        return
+    width = max(len(name) for name in public)
+    for name in sorted(public):
+        click.echo(f"{name:<{width}}  {public[name]}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("role")
+@click.option("--index", default=1, show_default=True, help="Instance number (detector workers).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def worker(role: str, index: int, loglevel: str, extra: tuple[str, ...]) -> None:
+    """Run the Celery worker of ROLE (see workers/); EXTRA goes to celery."""
+    from workers import CELERY_ROLES, ROLES, celery_argv
+
+    if role not in CELERY_ROLES:
+        raise click.BadParameter(f"{role!r} is not one of {', '.join(CELERY_ROLES)}", param_hint="ROLE")
+    argv = celery_argv(ROLES[role], index=index, loglevel=loglevel) + list(extra)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+
+
+for _module in COMMAND_MODULES:
+    for _command in importlib.import_module(_module).COMMANDS:
+        main.add_command(_command)

@@ -1,0 +1,80 @@
+"""Per-process resources: the clients a worker process opens once and reuses.
+
+A :class:`Context` is built from the settings the first time a task of a process needs it,
+kept on the Celery app (not in a module global), and dropped after a fork or at shutdown, so
+each pool child opens its own connections. Plain functions take a context argument; only
+tasks look it up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from prompt_tasks.settings import Settings
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
+    from minio import Minio
+
+__all__ = ["Context", "context_of", "drop_context"]
+
+
+@dataclass
+class Context:
+    """Clients and caches of one process, opened lazily."""
+
+    settings: Settings
+    #: Long-lived objects other modules attach (local Butler repos, caches), closed with us.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """Redis holding bucket events, the arrivals index and the visit ledger."""
+        import redis as redis_lib
+
+        return redis_lib.Redis.from_url(
+            self.settings.events_redis,
+            decode_responses=True,
+            socket_keepalive=True,
+            health_check_interval=10,
+            retry_on_timeout=True,
+        )
+
+    @cached_property
+    def s3(self) -> Minio:
+        """S3 client of the raw bucket's server."""
+        from prompt_tasks.objstore import make_client
+
+        return make_client(self.settings)
+
+    def close(self) -> None:
+        """Close every client opened so far."""
+        if "redis" in self.__dict__:
+            self.redis.close()
+        for value in self.extras.values():
+            closer = getattr(value, "close", None)
+            if callable(closer):
+                closer()
+        self.extras.clear()
+
+
+def context_of(celery_app: Celery) -> Context:
+    """The context of this process for ``celery_app``, built on first use."""
+    ctx = getattr(celery_app, "prompt_context", None)
+    if ctx is None:
+        from prompt_tasks.celery import settings_of
+
+        ctx = Context(settings_of(celery_app))
+        celery_app.prompt_context = ctx  # type: ignore[attr-defined]
+    return ctx
+
+
+def drop_context(celery_app: Celery, close: bool = False) -> None:
+    """Forget (and optionally close) the context of ``celery_app`` in this process."""
+    ctx = getattr(celery_app, "prompt_context", None)
+    celery_app.prompt_context = None  # type: ignore[attr-defined]
+    if ctx is not None and close:
+        ctx.close()

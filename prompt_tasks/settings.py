@@ -1,0 +1,149 @@
+"""The one settings object of prompt-tasks.
+
+Every setting comes from an environment variable named ``PROMPT_TASKS_<FIELD>`` (upper case),
+with the default documented on the field. Settings are built once, at the edge of a process
+(the CLI entry point, Celery's worker start-up, a test fixture) and passed down; importing any
+module of the package reads no environment.
+
+The defaults describe the embedded stack: everything on loopback, on ports chosen not to
+clash with services that commonly run on a machine (Redis 6379, PostgreSQL 5432, RabbitMQ
+5672, MinIO 9000, Flower 5555).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "mask_url"]
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs and ``config``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class Settings(BaseSettings):
+    """Typed settings, read from ``PROMPT_TASKS_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPT_TASKS_", extra="ignore", frozen=True)
+
+    # --- the embedded stack -------------------------------------------------------------
+    state_dir: Path = Field(Path(".state"), description="Pid files, logs and data of the embedded stack.")
+    host: str = Field("127.0.0.1", description="Address every embedded server binds to.")
+    redis_port: int = Field(16379, description="Port of the embedded Redis.")
+    redis_password: SecretStr | None = Field(None, description="Password of Redis (requirepass).")
+    redis_aof: bool = Field(True, description="Append-only persistence of the embedded Redis.")
+    s3_port: int = Field(19000, description="Port of the embedded S3 server (JuiceFS gateway).")
+    flower_port: int = Field(15555, description="Port of Flower.")
+    flower_user: str = Field("admin", description="Flower basic-auth user.")
+    flower_password: SecretStr | None = Field(None, description="Flower basic-auth password; none disables auth.")
+    intake_port: int = Field(18080, description="Port of the next_visit HTTP intake.")
+    intake_token: SecretStr | None = Field(None, description="Bearer token required by the intake, if set.")
+    intake_max_body: int = Field(65536, description="Largest next_visit body the intake accepts (bytes).")
+    metrics_port: int = Field(19100, description="Port of the Prometheus metrics endpoint.")
+    detector_workers: int = Field(2, description="Compute worker processes the embedded stack starts.")
+
+    # --- broker and backend -------------------------------------------------------------
+    broker_url: str | None = Field(None, description="Celery broker; default: the embedded Redis, db 0.")
+    result_backend: str | None = Field(None, description="Celery result backend; default: embedded Redis, db 1.")
+    visibility_timeout: int = Field(3600, description="Redis visibility timeout (s), above the longest stage.")
+
+    # --- object store -------------------------------------------------------------------
+    s3_endpoint: str | None = Field(None, description="S3 endpoint URL; default: the embedded server.")
+    s3_access_key: SecretStr = Field(SecretStr("prompt-tasks"), description="S3 access key.")
+    s3_secret_key: SecretStr = Field(SecretStr("prompt-tasks-secret"), description="S3 secret key.")
+    raw_bucket: str = Field("raws", description="Bucket the camera writes raws into.")
+    event_redis_url: str | None = Field(None, description="Redis holding the bucket-event list; default: embedded, db 0.")
+    event_list: str = Field("bucketevents", description="Redis list MinIO pushes bucket events to.")
+    event_arn: str = Field("arn:minio:sqs::1:redis", description="Notification target ARN of the bucket.")
+
+    # --- Butler ---------------------------------------------------------------------------
+    central_repo: str | None = Field(None, description="Central Butler repo URI; default: <state_dir>/central.")
+    local_repo_root: Path | None = Field(None, description="Root of the per-detector local repos; default: <state_dir>/local.")
+    apdb_url: str | None = Field(None, description="APDB database URL; default: SQLite under <state_dir>.")
+
+    # --- visits ---------------------------------------------------------------------------
+    ledger_ttl_s: int = Field(7 * 24 * 3600, description="How long visit ledgers are kept in Redis (s).")
+    deadline_margin_s: float = Field(120.0, description="Visit deadline after its expected end (s).")
+    wait_margin_s: float = Field(120.0, description="wait_for_snap timeout after the visit's expected end (s).")
+    quiet_period_s: float = Field(10.0, description="nimages=0: end a wait after this long with no new snap (s).")
+    arrival_ttl_s: int = Field(2 * 24 * 3600, description="How long unclaimed arrivals stay indexed (s).")
+
+    # --- derived values ---------------------------------------------------------------------
+    def redis_url(self, db: int = 0) -> str:
+        """URL of the embedded Redis, database ``db``."""
+        auth = f":{quote(self.redis_password.get_secret_value(), safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}{self.host}:{self.redis_port}/{db}"
+
+    @property
+    def broker(self) -> str:
+        """The effective Celery broker URL."""
+        return self.broker_url or self.redis_url(0)
+
+    @property
+    def backend(self) -> str:
+        """The effective Celery result backend URL."""
+        return self.result_backend or self.redis_url(1)
+
+    @property
+    def events_redis(self) -> str:
+        """URL of the Redis where bucket events and the arrivals index live."""
+        return self.event_redis_url or self.redis_url(0)
+
+    @property
+    def s3_url(self) -> str:
+        """The effective S3 endpoint URL."""
+        return self.s3_endpoint or f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def state_path(self) -> Path:
+        """``state_dir`` as an absolute path."""
+        return self.state_dir.expanduser().resolve()
+
+    @property
+    def central_repo_uri(self) -> str:
+        """The effective central Butler repository URI."""
+        return self.central_repo or str(self.state_path / "central")
+
+    @property
+    def local_repo_path(self) -> Path:
+        """The effective root of the local repositories."""
+        return (self.local_repo_root or self.state_path / "local").expanduser().resolve()
+
+    @property
+    def apdb_uri(self) -> str:
+        """The effective APDB database URL."""
+        return self.apdb_url or f"sqlite:///{self.state_path / 'apdb.sqlite3'}"
+
+    def public(self) -> dict[str, Any]:
+        """Every setting, with secrets and passwords in URLs masked, JSON-ready."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, str) and "://" in value:
+                value = mask_url(value)
+            out[name] = value
+        for name in ("broker", "backend", "events_redis", "s3_url", "central_repo_uri", "apdb_uri"):
+            out[f"effective.{name}"] = mask_url(str(getattr(self, name)))
+        out["effective.local_repo_path"] = str(self.local_repo_path)
+        return out
+
+    def to_json(self) -> str:
+        """:meth:`public` as JSON."""
+        return json.dumps(self.public(), indent=2, sort_keys=True)

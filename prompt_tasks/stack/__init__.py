@@ -1,0 +1,1 @@
+"""The embedded local stack: private servers and the fleet's processes on loopback."""

@@ -1,0 +1,147 @@
+"""Processes started by prompt-tasks, known by pid file, stopped by that pid only.
+
+Each process runs in its own session (so its process group, e.g. a Celery worker and its pool
+children, can be signalled through the pid we recorded) and writes to its own log file. A pid
+file whose process is gone, or whose pid now belongs to another program, is stale and ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ManagedProcess"]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+@dataclass
+class ManagedProcess:
+    """One named process with a pid file and a log file in ``run_dir``.
+
+    ``signature`` is a fragment of the command line that identifies the program, used to
+    tell our process from an unrelated one that reuses a stale pid.
+    """
+
+    name: str
+    run_dir: Path
+    signature: str
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """Pid of the running process, or None (a stale pid file is removed)."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if _is_zombie(pid) or self.signature not in _cmdline(pid):
+            self.pid_file.unlink(missing_ok=True)
+            return None
+        return pid
+
+    def running(self) -> bool:
+        return self.pid() is not None
+
+    def start(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> int:
+        """Start ``argv`` unless already running; return its pid."""
+        pid = self.pid()
+        if pid is not None:
+            return pid
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        with open(self.log_file, "ab") as log:
+            log.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                list(argv),
+                env=full_env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        # The child is reaped by whoever waits on it; we only keep its pid.
+        self._popen = proc
+        return proc.pid
+
+    def exited(self) -> bool:
+        """True when a process we started in this Python process has already exited."""
+        proc = getattr(self, "_popen", None)
+        return proc is not None and proc.poll() is not None
+
+    def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> bool:
+        """Signal our process group, wait, then SIGKILL it; True if something was stopped."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(pid, sig)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self._alive(pid):
+            time.sleep(0.05)
+        if self._alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            end = time.monotonic() + 5
+            while time.monotonic() < end and self._alive(pid):
+                time.sleep(0.05)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the process itself (not its group), e.g. to simulate a crash."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, sig)
+
+    def _alive(self, pid: int) -> bool:
+        proc = getattr(self, "_popen", None)
+        if proc is not None and proc.pid == pid:
+            proc.poll()
+        return not _is_zombie(pid)
+
+    def tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the log."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])

