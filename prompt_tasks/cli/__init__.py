@@ -19,7 +19,14 @@ from prompt_tasks.settings import Settings
 __all__ = ["main", "pass_settings"]
 
 #: Modules that define commands (each exposes ``COMMANDS``, a list of click commands).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "prompt_tasks.cli.stack",  # stack up/status/down, demo
+    "prompt_tasks.cli.intake",  # intake, next-visit, abort
+    "prompt_tasks.cli.fleet",  # workers, status, report
+    "prompt_tasks.cli.events",  # dispatcher
+    "prompt_tasks.cli.simcam",  # central init, simulate
+    "prompt_tasks.cli.butler",  # local repos, export
+]
 
 pass_settings = click.make_pass_decorator(Settings)
 

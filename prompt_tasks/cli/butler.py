@@ -1,0 +1,9 @@
+"""``prompt-tasks`` commands: butler."""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["COMMANDS"]
+
+COMMANDS: list[click.Command] = []
