@@ -1,0 +1,216 @@
+"""The ``next_visit`` event: a validated model of SAL ``ScriptQueue.logevent_nextVisit``.
+
+Two forms are accepted:
+
+- the summit JSON form (numbers as numbers, ``position`` as ``[ra, dec]``), possibly with
+  ``private_*`` header fields;
+- the string-valued form Rubin's fan-out service writes to a Redis stream ``instrument:<name>``,
+  one message per detector (every value a string, ``position`` as ``"[ra, dec]"``, plus a
+  ``detector`` field).
+
+Unknown fields are ignored. Invalid input raises :class:`~prompt_tasks.errors.InvalidVisit`
+naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prompt_tasks.errors import InvalidVisit
+
+__all__ = [
+    "CoordinateSystem",
+    "Dome",
+    "NextVisit",
+    "RotationSystem",
+    "field_errors",
+    "parse_next_visit",
+]
+
+
+class CoordinateSystem(IntEnum):
+    """``coordinateSystem`` of ``position``."""
+
+    NONE = 1
+    ICRS = 2
+    OBSERVED = 3
+    MOUNT = 4
+
+
+class RotationSystem(IntEnum):
+    """``rotationSystem`` of ``cameraAngle``."""
+
+    NONE = 1
+    SKY = 2
+    HORIZON = 3
+    MOUNT = 4
+
+
+class Dome(IntEnum):
+    """Dome state expected during the visit."""
+
+    CLOSED = 1
+    OPEN = 2
+    EITHER = 3
+
+
+def _enum_value(enum: type[IntEnum], value: Any) -> Any:
+    """Accept an enum member, its integer, the integer as a string, or its name."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        try:
+            return enum[text.upper()]
+        except KeyError:
+            return value
+    return value
+
+
+class NextVisit(BaseModel):
+    """One announced visit (or, in the fan-out form, one detector of it)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    salIndex: int = Field(0, description="SAL index of the ScriptQueue.")
+    scriptSalIndex: int = Field(0, description="SAL index of the script that sent it.")
+    instrument: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    groupId: str = Field(min_length=1, max_length=128, description="Butler group name.")
+    coordinateSystem: CoordinateSystem = CoordinateSystem.NONE
+    position: tuple[float, float] | None = Field(None, description="[ra, dec] in degrees.")
+    startTime: float = Field(description="Start of the first exposure, TAI unix seconds.", ge=0)
+    rotationSystem: RotationSystem = RotationSystem.NONE
+    cameraAngle: float = Field(0.0, description="Camera angle, degrees.")
+    filters: str = Field("", max_length=64, description="Physical filter; may be empty.")
+    dome: Dome = Dome.EITHER
+    duration: float = Field(0.0, ge=0, description="Duration of the whole script, seconds.")
+    nimages: int = Field(0, ge=0, le=1000, description="Snaps per detector; 0 = unknown.")
+    survey: str = Field("", max_length=128)
+    totalCheckpoints: int = Field(0, ge=0)
+    detector: int | None = Field(None, ge=0, description="Fan-out form: the one detector meant.")
+    private_sndStamp: float | None = Field(None, description="Summit send time (TAI).")
+
+    @field_validator("coordinateSystem", mode="before")
+    @classmethod
+    def _coordinate_system(cls, value: Any) -> Any:
+        return _enum_value(CoordinateSystem, value)
+
+    @field_validator("rotationSystem", mode="before")
+    @classmethod
+    def _rotation_system(cls, value: Any) -> Any:
+        return _enum_value(RotationSystem, value)
+
+    @field_validator("dome", mode="before")
+    @classmethod
+    def _dome(cls, value: Any) -> Any:
+        return _enum_value(Dome, value)
+
+    @field_validator("position", mode="before")
+    @classmethod
+    def _position(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError('expected "[ra, dec]"') from exc
+        if isinstance(value, list | tuple) and len(value) == 0:
+            return None
+        return value
+
+    @field_validator("groupId")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if "/" in value or any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError("must not contain '/', spaces or control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _geometry(self) -> Self:
+        if self.coordinateSystem in (CoordinateSystem.OBSERVED, CoordinateSystem.MOUNT):
+            raise ValueError(
+                f"coordinateSystem: unsupported coordinate system {self.coordinateSystem.name}: use ICRS or NONE"
+            )
+        if self.rotationSystem in (RotationSystem.HORIZON, RotationSystem.MOUNT):
+            raise ValueError(
+                f"rotationSystem: unsupported rotation system {self.rotationSystem.name}: use SKY or NONE"
+            )
+        if self.coordinateSystem is CoordinateSystem.ICRS:
+            if self.position is None:
+                raise ValueError("position: required when coordinateSystem is ICRS")
+            ra, dec = self.position
+            if not (0.0 <= ra < 360.0 or -180.0 <= ra < 0.0):
+                raise ValueError(f"position: ra {ra} out of range")
+            if not -90.0 <= dec <= 90.0:
+                raise ValueError(f"position: dec {dec} out of range")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The visit's identity, ``instrument/groupId``."""
+        return f"{self.instrument}/{self.groupId}"
+
+    @property
+    def has_position(self) -> bool:
+        """True when the visit has a sky position (preload may use spatial data)."""
+        return self.coordinateSystem is CoordinateSystem.ICRS and self.position is not None
+
+    @property
+    def ra(self) -> float | None:
+        """Boresight right ascension (deg, 0..360), or None."""
+        return None if not self.has_position else self.position[0] % 360.0  # type: ignore[index]
+
+    @property
+    def dec(self) -> float | None:
+        """Boresight declination (deg), or None."""
+        return None if not self.has_position else self.position[1]  # type: ignore[index]
+
+    @property
+    def expected_end(self) -> float:
+        """When the visit's last exposure should be over (TAI unix s)."""
+        return self.startTime + self.duration
+
+    def without_detector(self) -> Self:
+        """The visit itself, with the fan-out ``detector`` field dropped."""
+        return self.model_copy(update={"detector": None})
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """JSON-ready summit form (enums as integers)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """``[{"field": ..., "reason": ...}]`` from a pydantic error, readable by people."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err.get("loc", ())) or "body"
+        reason = str(err.get("msg", "invalid"))
+        reason = reason.removeprefix("Value error, ")
+        if loc == "body" and ":" in reason:
+            head, _, tail = reason.partition(":")
+            if head in NextVisit.model_fields:
+                loc, reason = head, tail.strip()
+        out.append({"field": loc, "reason": reason})
+    return out
+
+
+def parse_next_visit(raw: bytes | str | dict[str, Any]) -> NextVisit:
+    """Parse one ``next_visit`` in either form, or raise :class:`InvalidVisit` naming the field."""
+    if isinstance(raw, bytes | str):
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidVisit(f"body: not JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise InvalidVisit("body: expected a JSON object")
+    try:
+        return NextVisit.model_validate(raw)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        text = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
+        error = InvalidVisit(text)
+        error.errors = errors  # type: ignore[attr-defined]
+        raise error from None
