@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import redis_binary
@@ -45,3 +47,22 @@ def rdb(settings: Settings) -> Iterator[redis.Redis]:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def celery_app(settings: Settings) -> Iterator[Celery]:
+    """A Celery app on the private servers with every task module of the fleet registered.
+
+    Tasks are ``shared_task``s, so they bind to this app as to the production one.
+    """
+    from prompt_tasks.celery import TASK_MODULES, create_app
+    from prompt_tasks.context import drop_context
+
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+    app = create_app(settings)
+    app.loader.import_module("celery.contrib.testing.tasks")  # registers celery.ping
+    app.set_current()
+    yield app
+    drop_context(app, close=True)
+    app.close()
