@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     central_repo: str | None = Field(None, description="Central Butler repo URI; default: <state_dir>/central.")
     local_repo_root: Path | None = Field(None, description="Root of the per-detector local repos; default: <state_dir>/local.")
     apdb_url: str | None = Field(None, description="APDB database URL; default: SQLite under <state_dir>.")
+    pipelines_config: Path | None = Field(None, description="Pipeline selection YAML; default: each instrument's own.")
+    local_cache_bytes: int = Field(2 * 1024**3, description="Preloaded datasets kept per local repo (bytes, LRU).")
+    preload_pad_deg: float = Field(30 / 3600, description="Margin around a detector's predicted footprint (deg).")
+    export_dataset_types: list[str] | None = Field(
+        None, description="Outputs written to the central repo; default: all but logs, metadata, configs."
+    )
+    export_raws: bool = Field(True, description="Also export the raws to the central repo.")
+    export_batch: int = Field(50, description="Most detector-visits exported in one central transaction.")
+    export_max_age_s: float = Field(5.0, description="Export a partial batch once its oldest request is this old (s).")
 
     # --- visits ---------------------------------------------------------------------------
     ledger_ttl_s: int = Field(7 * 24 * 3600, description="How long visit ledgers are kept in Redis (s).")
