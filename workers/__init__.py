@@ -56,7 +56,6 @@ ROLES: dict[str, Role] = {
             queues=("catchup",),
             pool="prefork",
             concurrency=1,
-            extra=("--max-tasks-per-child", "0"),
         ),
         Role(
             "wait",
