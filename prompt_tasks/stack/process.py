@@ -36,13 +36,14 @@ def _is_zombie(pid: int) -> bool:
 class ManagedProcess:
     """One named process with a pid file and a log file in ``run_dir``.
 
-    ``signature`` is a fragment of the command line that identifies the program, used to
-    tell our process from an unrelated one that reuses a stale pid.
+    ``signature`` is a fragment of the command line that identifies the program (or a tuple
+    of alternatives, e.g. before and after the program execs another), used to tell our
+    process from an unrelated one that reuses a stale pid.
     """
 
     name: str
     run_dir: Path
-    signature: str
+    signature: str | tuple[str, ...]
 
     @property
     def pid_file(self) -> Path:
@@ -58,10 +59,14 @@ class ManagedProcess:
             pid = int(self.pid_file.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if _is_zombie(pid) or self.signature not in _cmdline(pid):
+        if _is_zombie(pid) or not self._matches(_cmdline(pid)):
             self.pid_file.unlink(missing_ok=True)
             return None
         return pid
+
+    def _matches(self, cmdline: str) -> bool:
+        signatures = (self.signature,) if isinstance(self.signature, str) else self.signature
+        return any(sig in cmdline for sig in signatures)
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -71,13 +76,18 @@ class ManagedProcess:
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        inherit_env: bool = True,
     ) -> int:
-        """Start ``argv`` unless already running; return its pid."""
+        """Start ``argv`` unless already running; return its pid.
+
+        ``env`` is added to this process's environment, or replaces it when ``inherit_env``
+        is false.
+        """
         pid = self.pid()
         if pid is not None:
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        full_env = dict(os.environ)
+        full_env = dict(os.environ) if inherit_env else {}
         full_env.update(env or {})
         with open(self.log_file, "ab") as log:
             log.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
@@ -103,28 +113,40 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> bool:
         """Signal our process group, wait, then SIGKILL it; True if something was stopped."""
-        pid = self.pid()
+        pid = self.signal_group(sig)
         if pid is None:
             return False
+        self.wait_stopped(pid, timeout)
+        return True
+
+    def signal_group(self, sig: int = signal.SIGTERM) -> int | None:
+        """Send ``sig`` to our process group without waiting; the pid signalled, or None."""
+        pid = self.pid()
+        if pid is None:
+            return None
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
             pass
         except PermissionError:
             os.kill(pid, sig)
+        return pid
+
+    def wait_stopped(self, pid: int, timeout: float = 15.0) -> None:
+        """Wait for ``pid`` (signalled by :meth:`signal_group`) to end, SIGKILL its group if it won't."""
         end = time.monotonic() + timeout
         while time.monotonic() < end and self._alive(pid):
             time.sleep(0.05)
-        if self._alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            end = time.monotonic() + 5
-            while time.monotonic() < end and self._alive(pid):
-                time.sleep(0.05)
+        # Also kill what is left of the group (e.g. pool children of a worker whose main
+        # process ended first).
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        end = time.monotonic() + 5
+        while time.monotonic() < end and self._alive(pid):
+            time.sleep(0.05)
         self.pid_file.unlink(missing_ok=True)
-        return True
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the process itself (not its group), e.g. to simulate a crash."""

@@ -20,13 +20,20 @@ from prompt_tasks.settings import Settings
 from prompt_tasks.stack.process import ManagedProcess
 
 __all__ = [
+    "format_s3",
     "free_port",
     "juicefs_binary",
+    "port_in_use",
+    "redis_argv",
     "redis_binary",
+    "redis_signature",
+    "s3_argv",
     "s3_env",
+    "s3_signature",
     "start_redis",
     "start_s3",
     "wait_redis",
+    "write_redis_config",
 ]
 
 
@@ -35,6 +42,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something already listens on ``host:port`` (a server we start would fail)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def redis_binary() -> str:
@@ -54,12 +72,16 @@ def juicefs_binary() -> str:
     return path
 
 
-def start_redis(settings: Settings, data_dir: Path, run_dir: Path, aof: bool | None = None) -> ManagedProcess:
-    """Start (or find running) the private Redis of ``settings``."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+def redis_argv(settings: Settings, data_dir: Path, aof: bool | None = None) -> list[str]:
+    """Command line of the private Redis of ``settings``.
+
+    A password goes in a config file (see :func:`write_redis_config`), never on the command line.
+    """
     aof = settings.redis_aof if aof is None else aof
-    argv = [
+    config = [str(data_dir / "auth.conf")] if settings.redis_password else []
+    return [
         redis_binary(),
+        *config,  # a config file must come first
         "--bind", settings.host,
         "--port", str(settings.redis_port),
         "--dir", str(data_dir),
@@ -70,10 +92,31 @@ def start_redis(settings: Settings, data_dir: Path, run_dir: Path, aof: bool | N
         "--daemonize", "no",
         "--maxclients", "10000",
     ]
-    if settings.redis_password:
-        argv += ["--requirepass", settings.redis_password.get_secret_value()]
-    proc = ManagedProcess("redis", run_dir, signature=f":{settings.redis_port}")
-    proc.start(argv)
+
+
+def write_redis_config(settings: Settings, data_dir: Path) -> None:
+    """Create ``data_dir`` and, with a password set, its ``auth.conf`` (mode 600)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.redis_password:
+        return
+    conf = data_dir / "auth.conf"
+    conf.touch(mode=0o600, exist_ok=True)
+    conf.chmod(0o600)
+    secret = settings.redis_password.get_secret_value().replace("\\", "\\\\").replace('"', '\\"')
+    conf.write_text(f'requirepass "{secret}"\n')
+
+
+def redis_signature(settings: Settings) -> tuple[str, str]:
+    """What the private Redis shows in its command line: its arguments until it sets its
+    title to ``redis-server host:port``."""
+    return f"--port {settings.redis_port} ", f":{settings.redis_port}"
+
+
+def start_redis(settings: Settings, data_dir: Path, run_dir: Path, aof: bool | None = None) -> ManagedProcess:
+    """Start (or find running) the private Redis of ``settings``."""
+    write_redis_config(settings, data_dir)
+    proc = ManagedProcess("redis", run_dir, signature=redis_signature(settings))
+    proc.start(redis_argv(settings, data_dir, aof))
     return proc
 
 
@@ -109,26 +152,40 @@ def s3_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def format_s3(data_dir: Path) -> str:
+    """Format the gateway's JuiceFS volume in ``data_dir`` once; return its metadata URL."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "data").mkdir(exist_ok=True)
+    meta = f"sqlite3://{data_dir / 'meta.db'}"
+    if not (data_dir / "meta.db").exists():
+        subprocess.run(
+            [juicefs_binary(), "format", "--storage", "file", "--bucket", f"{data_dir / 'data'}/",
+             "--trash-days", "0", "--no-update", meta, "raws"],
+            check=True, capture_output=True, timeout=60,
+        )
+    return meta
+
+
+def s3_argv(settings: Settings, data_dir: Path) -> list[str]:
+    """Command line of the S3 gateway of ``settings`` (credentials go in :func:`s3_env`)."""
+    return [
+        juicefs_binary(), "gateway", "--multi-buckets", "--keep-etag", "--no-usage-report",
+        "--no-banner", "--metrics", f"{settings.host}:0", "--cache-dir", str(data_dir / "cache"),
+        f"sqlite3://{data_dir / 'meta.db'}", f"{settings.host}:{settings.s3_port}",
+    ]
+
+
+def s3_signature(settings: Settings) -> str:
+    """What the gateway shows in its command line."""
+    return f"{settings.host}:{settings.s3_port}"
+
+
 def start_s3(settings: Settings, data_dir: Path, run_dir: Path) -> ManagedProcess:
     """Format (once) and start (or find running) the S3 gateway of ``settings``.
 
     Redis must already be up: the gateway checks its notification target at start-up.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "data").mkdir(exist_ok=True)
-    meta = f"sqlite3://{data_dir / 'meta.db'}"
-    juicefs = juicefs_binary()
-    if not (data_dir / "meta.db").exists():
-        subprocess.run(
-            [juicefs, "format", "--storage", "file", "--bucket", f"{data_dir / 'data'}/",
-             "--trash-days", "0", "--no-update", meta, "raws"],
-            check=True, capture_output=True, timeout=60,
-        )
-    argv = [
-        juicefs, "gateway", "--multi-buckets", "--keep-etag", "--no-usage-report", "--no-banner",
-        "--metrics", f"{settings.host}:0", "--cache-dir", str(data_dir / "cache"),
-        meta, f"{settings.host}:{settings.s3_port}",
-    ]
-    proc = ManagedProcess("s3", run_dir, signature=f"{settings.host}:{settings.s3_port}")
-    proc.start(argv, env=s3_env(settings))
+    format_s3(data_dir)
+    proc = ManagedProcess("s3", run_dir, signature=s3_signature(settings))
+    proc.start(s3_argv(settings, data_dir), env=s3_env(settings))
     return proc
