@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
 from prompt_tasks.settings import Settings
 
@@ -98,3 +98,14 @@ def _close_context(**_: Any) -> None:
     from prompt_tasks.context import drop_context
 
     drop_context(current_app)
+
+
+@setup_logging.connect
+def _structured_logging(loglevel: str | int | None = None, **_: Any) -> None:
+    """Replace Celery's log set-up with the project's structured logs."""
+    from celery import current_app
+
+    from prompt_tasks.logs import configure_logging
+
+    settings = settings_of(current_app)
+    configure_logging(loglevel or settings.log_level, json_format=settings.log_json)

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(19100, description="Port of the Prometheus metrics endpoint.")
     detector_workers: int = Field(2, description="Compute worker processes the embedded stack starts.")
 
+    log_json: bool = Field(True, description="Structured JSON log lines (false: plain text).")
+    log_level: str = Field("INFO", description="Log level of every process.")
+
     # --- broker and backend -------------------------------------------------------------
     broker_url: str | None = Field(None, description="Celery broker; default: the embedded Redis, db 0.")
     result_backend: str | None = Field(None, description="Celery result backend; default: embedded Redis, db 1.")
