@@ -18,7 +18,15 @@ import json
 from enum import IntEnum
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from prompt_tasks.errors import InvalidVisit
 
@@ -30,6 +38,11 @@ __all__ = [
     "field_errors",
     "parse_next_visit",
 ]
+
+#: Largest SAL ``long`` (int32): indices and counters above it are garbage.
+_INT32_MAX = 2**31 - 1
+#: Longest ``position`` string accepted in the fan-out form.
+_POSITION_TEXT_MAX = 256
 
 
 class CoordinateSystem(IntEnum):
@@ -74,10 +87,10 @@ def _enum_value(enum: type[IntEnum], value: Any) -> Any:
 class NextVisit(BaseModel):
     """One announced visit (or, in the fan-out form, one detector of it)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
-    salIndex: int = Field(0, description="SAL index of the ScriptQueue.")
-    scriptSalIndex: int = Field(0, description="SAL index of the script that sent it.")
+    salIndex: int = Field(0, ge=0, le=_INT32_MAX, description="SAL index of the ScriptQueue.")
+    scriptSalIndex: int = Field(0, ge=0, le=_INT32_MAX, description="SAL index of the script that sent it.")
     instrument: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     groupId: str = Field(min_length=1, max_length=128, description="Butler group name.")
     coordinateSystem: CoordinateSystem = CoordinateSystem.NONE
@@ -90,9 +103,20 @@ class NextVisit(BaseModel):
     duration: float = Field(0.0, ge=0, description="Duration of the whole script, seconds.")
     nimages: int = Field(0, ge=0, le=1000, description="Snaps per detector; 0 = unknown.")
     survey: str = Field("", max_length=128)
-    totalCheckpoints: int = Field(0, ge=0)
-    detector: int | None = Field(None, ge=0, description="Fan-out form: the one detector meant.")
+    totalCheckpoints: int = Field(0, ge=0, le=_INT32_MAX)
+    detector: int | None = Field(None, ge=0, le=9999, description="Fan-out form: the one detector meant.")
     private_sndStamp: float | None = Field(None, description="Summit send time (TAI).")
+
+    @field_validator(
+        "salIndex", "scriptSalIndex", "startTime", "cameraAngle", "duration", "nimages",
+        "totalCheckpoints", "detector", "private_sndStamp", mode="before",
+    )
+    @classmethod
+    def _not_boolean(cls, value: Any) -> Any:
+        # pydantic's lax mode reads true as 1: a boolean here is a wrong type, not a number.
+        if isinstance(value, bool):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
     @field_validator("coordinateSystem", mode="before")
     @classmethod
@@ -113,9 +137,11 @@ class NextVisit(BaseModel):
     @classmethod
     def _position(cls, value: Any) -> Any:
         if isinstance(value, str):
+            if len(value) > _POSITION_TEXT_MAX:
+                raise ValueError('expected "[ra, dec]", got a string too long')
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ValueError('expected "[ra, dec]"') from exc
         if isinstance(value, list | tuple) and len(value) == 0:
             return None
@@ -127,6 +153,15 @@ class NextVisit(BaseModel):
         if "/" in value or any(ch.isspace() or not ch.isprintable() for ch in value):
             raise ValueError("must not contain '/', spaces or control characters")
         return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _no_position_without_system(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        # coordinateSystem NONE: whatever position was sent means nothing.
+        visit = handler(data)
+        if visit.coordinateSystem is CoordinateSystem.NONE and visit.position is not None:
+            return visit.model_copy(update={"position": None})
+        return visit
 
     @model_validator(mode="after")
     def _geometry(self) -> Self:
@@ -202,15 +237,25 @@ def parse_next_visit(raw: bytes | str | dict[str, Any]) -> NextVisit:
     if isinstance(raw, bytes | str):
         try:
             raw = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidVisit(f"body: not JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, digits
+            raise _invalid([{"field": "body", "reason": f"not JSON ({_short(exc)})"}]) from None
     if not isinstance(raw, dict):
-        raise InvalidVisit("body: expected a JSON object")
+        raise _invalid([{"field": "body", "reason": "expected a JSON object"}])
     try:
         return NextVisit.model_validate(raw)
     except ValidationError as exc:
-        errors = field_errors(exc)
-        text = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
-        error = InvalidVisit(text)
-        error.errors = errors  # type: ignore[attr-defined]
-        raise error from None
+        raise _invalid(field_errors(exc)) from None
+    except RecursionError:  # absurdly nested values inside an object
+        raise _invalid([{"field": "body", "reason": "nested too deeply"}]) from None
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _invalid(errors: list[dict[str, str]]) -> InvalidVisit:
+    """An :class:`InvalidVisit` whose message lists ``errors`` (also kept as ``.errors``)."""
+    error = InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
+    error.errors = errors  # type: ignore[attr-defined]
+    return error
