@@ -115,7 +115,7 @@ class NextVisit(BaseModel):
     def _not_boolean(cls, value: Any) -> Any:
         # pydantic's lax mode reads true as 1: a boolean here is a wrong type, not a number.
         if isinstance(value, bool):
-            raise ValueError("expected a number, not a boolean")
+            raise ValueError("expected a number, not a boolean")  # noqa: TRY004 (pydantic wants ValueError)
         return value
 
     @field_validator("coordinateSystem", mode="before")

@@ -6,9 +6,16 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from prompt_tasks.errors import InvalidVisit
-from prompt_tasks.visit import CoordinateSystem, Dome, NextVisit, RotationSystem, parse_next_visit
+from prompt_tasks.visit import (
+    CoordinateSystem,
+    Dome,
+    NextVisit,
+    RotationSystem,
+    parse_next_visit,
+)
 
 GROUP = "2026-11-24T01:00:00.000"
 
@@ -117,7 +124,7 @@ def test_round_trip_through_json() -> None:
 
 def test_model_is_frozen() -> None:
     visit = parse_next_visit(summit())
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         visit.groupId = "other"  # type: ignore[misc]
 
 
