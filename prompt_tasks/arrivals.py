@@ -1,0 +1,172 @@
+"""The arrivals index: which snaps of which detector-visit are in the bucket, and wake-ups.
+
+Redis layout (every key expires after ``settings.arrival_ttl_s``, so images that arrive with
+no announced visit stay findable for a late ``next_visit`` but not forever)::
+
+    arrivals:{instrument}:{group}:{detector}   hash  snap -> JSON {key, size, etag, t}
+    wake:{instrument}:{group}:{detector}       list  one token per new arrival (BLPOP target)
+    waiters:{instrument}:{group}               set   detectors someone is waiting for
+    visit-end:{instrument}:{group}             str   the visit's end was signalled
+    abort:{instrument}:{group}                 str   the visit was aborted (the reason)
+
+Recording is idempotent (``HSETNX``): a duplicate event changes nothing and wakes nobody.
+End and abort push a token to the wake key of every registered waiter of the group; a waiter
+registers before it checks the markers, so neither can be missed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from prompt_tasks.keys import SnapKey
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = [
+    "DEFAULT_TTL_S",
+    "Arrival",
+    "abort_key",
+    "abort_visit",
+    "arrivals_for",
+    "arrivals_key",
+    "end_key",
+    "is_aborted",
+    "is_ended",
+    "record_arrival",
+    "register_waiter",
+    "signal_end",
+    "unregister_waiter",
+    "visit_announced",
+    "wake_key",
+    "waiters_key",
+]
+
+#: TTL used when a caller gives none (the default of ``settings.arrival_ttl_s``).
+DEFAULT_TTL_S = 2 * 24 * 3600
+#: Wake tokens kept per detector; waiters re-read the index, so one would do.
+_WAKE_TOKENS_KEPT = 64
+#: Token pushed to wake a waiter for a visit-level signal (end, abort).
+VISIT_TOKEN = "visit"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One indexed snap: the object that holds it and when it was indexed."""
+
+    snap: int
+    key: str
+    size: int
+    etag: str
+    t: float
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def arrivals_key(instrument: str, group: str, detector: int) -> str:
+    return f"arrivals:{instrument}:{group}:{detector}"
+
+
+def wake_key(instrument: str, group: str, detector: int) -> str:
+    return f"wake:{instrument}:{group}:{detector}"
+
+
+def waiters_key(instrument: str, group: str) -> str:
+    return f"waiters:{instrument}:{group}"
+
+
+def end_key(instrument: str, group: str) -> str:
+    return f"visit-end:{instrument}:{group}"
+
+
+def abort_key(instrument: str, group: str) -> str:
+    return f"abort:{instrument}:{group}"
+
+
+def record_arrival(redis: redis.Redis, snap_key: SnapKey, obj_key: str, size: int, etag: str,
+                   t: float | None = None, ttl_s: int = DEFAULT_TTL_S) -> bool:
+    """Index one snap and wake its waiter; True when it was new, False for a duplicate."""
+    t = time.time() if t is None else t
+    index = arrivals_key(snap_key.instrument, snap_key.group, snap_key.detector)
+    value = json.dumps({"key": obj_key, "size": int(size), "etag": etag, "t": t})
+    new = bool(redis.hsetnx(index, str(snap_key.snap), value))
+    wake = wake_key(snap_key.instrument, snap_key.group, snap_key.detector)
+    pipe = redis.pipeline(transaction=False)
+    if new:
+        pipe.rpush(wake, str(snap_key.snap))
+        pipe.ltrim(wake, -_WAKE_TOKENS_KEPT, -1)
+        pipe.expire(wake, ttl_s)
+    pipe.expire(index, ttl_s)
+    pipe.execute()
+    return new
+
+
+def arrivals_for(redis: redis.Redis, instrument: str, group: str, detector: int) -> dict[int, Arrival]:
+    """Every indexed snap of one detector-visit, by snap number."""
+    out: dict[int, Arrival] = {}
+    for snap, raw in redis.hgetall(arrivals_key(instrument, group, detector)).items():
+        value = json.loads(raw)
+        number = int(snap)
+        out[number] = Arrival(number, value["key"], int(value["size"]), value["etag"], float(value["t"]))
+    return out
+
+
+def register_waiter(redis: redis.Redis, instrument: str, group: str, detector: int,
+                    ttl_s: int = DEFAULT_TTL_S) -> None:
+    """Declare that someone waits for ``detector`` of the visit (so end/abort wake it)."""
+    key = waiters_key(instrument, group)
+    pipe = redis.pipeline(transaction=False)
+    pipe.sadd(key, str(detector))
+    pipe.expire(key, ttl_s)
+    pipe.execute()
+
+
+def unregister_waiter(redis: redis.Redis, instrument: str, group: str, detector: int) -> None:
+    """Undo :func:`register_waiter`."""
+    redis.srem(waiters_key(instrument, group), str(detector))
+
+
+def _wake_group(redis: redis.Redis, instrument: str, group: str, ttl_s: int) -> int:
+    """Push a visit token to every registered waiter of the group; returns how many."""
+    detectors = redis.smembers(waiters_key(instrument, group))
+    if detectors:
+        pipe = redis.pipeline(transaction=False)
+        for detector in detectors:
+            wake = wake_key(instrument, group, int(detector))
+            pipe.rpush(wake, VISIT_TOKEN)
+            pipe.expire(wake, ttl_s)
+        pipe.execute()
+    return len(detectors)
+
+
+def signal_end(redis: redis.Redis, instrument: str, group: str, ttl_s: int = DEFAULT_TTL_S) -> int:
+    """Mark the visit's exposures as complete and wake its waiters; returns waiters woken."""
+    redis.set(end_key(instrument, group), str(time.time()), ex=ttl_s)
+    return _wake_group(redis, instrument, group, ttl_s)
+
+
+def abort_visit(redis: redis.Redis, instrument: str, group: str, reason: str = "aborted",
+                ttl_s: int = DEFAULT_TTL_S) -> int:
+    """Mark the visit aborted and wake every waiter of it at once; returns waiters woken."""
+    redis.set(abort_key(instrument, group), reason or "aborted", ex=ttl_s)
+    return _wake_group(redis, instrument, group, ttl_s)
+
+
+def is_aborted(redis: redis.Redis, instrument: str, group: str) -> str | None:
+    """The abort reason if the visit was aborted, else None."""
+    return redis.get(abort_key(instrument, group))
+
+
+def is_ended(redis: redis.Redis, instrument: str, group: str) -> bool:
+    """True when the visit's end was signalled."""
+    return bool(redis.exists(end_key(instrument, group)))
+
+
+def visit_announced(redis: redis.Redis, instrument: str, group: str) -> bool:
+    """True when a ``next_visit`` for this group was received (its ledger exists)."""
+    return bool(redis.exists(f"visit:{instrument}:{group}"))

@@ -1,0 +1,231 @@
+"""The dispatcher on the real Redis and S3 gateway, with the gateway's real notifications."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from prompt_tasks.arrivals import arrivals_for
+from prompt_tasks.context import Context
+from prompt_tasks.dispatcher import (
+    CALIB_QUEUE,
+    CALIB_TASK,
+    COUNTERS_KEY,
+    Dispatcher,
+    calib_type_of,
+    counters,
+    dispatcher_for,
+    known_instruments,
+    should_start_calib,
+)
+from prompt_tasks.keys import SnapKey, format_key
+from prompt_tasks.settings import Settings
+from prompt_tasks.stack.servers import start_redis, wait_redis
+from tests.servers import test_settings as private_settings
+
+
+def _group() -> str:
+    """A fresh ISO group id (objects stay in the bucket across tests)."""
+    n = uuid.uuid4().int
+    return f"2026-11-24T01:{n % 60:02d}:{n // 60 % 60:02d}.{n // 3600 % 10**6:06d}"
+
+
+def _body(key: str, name: str = "s3:ObjectCreated:Put", bucket: str = "raws") -> str:
+    from urllib.parse import quote_plus
+
+    record = {"eventName": name, "eventSource": "minio:s3", "eventTime": "2026-11-24T01:00:00Z",
+              "s3": {"bucket": {"name": bucket}, "object": {"key": quote_plus(key), "size": 3, "eTag": "e"}}}
+    return json.dumps([{"Event": [record], "EventTime": "2026-11-24T01:00:00Z"}])
+
+
+@pytest.fixture
+def ctx(settings: Settings) -> Iterator[Context]:
+    context = Context(settings)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def dispatcher(ctx: Context, celery_app: Celery) -> Dispatcher:
+    return dispatcher_for(ctx, celery_app=celery_app)
+
+
+def _put(ctx: Context, key: str, data: bytes = b"raw") -> None:
+    ctx.s3.put_object(ctx.settings.raw_bucket, key, io.BytesIO(data), len(data))
+
+
+def test_put_is_indexed_through_real_notifications(ctx: Context, dispatcher: Dispatcher) -> None:
+    group = _group()
+    key = format_key("SimCam", 4, group, 0, "a+b%c d.fits")
+    _put(ctx, key, b"12345")
+    assert dispatcher.step(block_s=10)
+    (arrival,) = arrivals_for(ctx.redis, "SimCam", group, 4).values()
+    assert (arrival.key, arrival.size, arrival.snap) == (key, 5, 0)
+    assert arrival.etag
+    assert counters(ctx.redis)["ok"] == 1
+    assert ctx.redis.llen(dispatcher.processing_list) == 0
+
+
+def test_unusable_records_are_counted_and_skipped(ctx: Context, dispatcher: Dispatcher) -> None:
+    group = _group()
+    good = format_key("SimCam", 1, group, 0)
+    bodies = [
+        b"{not json", b"\xff", b"[]", json.dumps({"what": 1}),
+        _body("Nobody/1/g/0/raw.fits"),
+        _body("SimCam/x/g/0/raw.fits"),
+        _body("noslash"),
+        _body(good, name="s3:ObjectRemoved:Delete"),
+        _body(good), _body(good),
+    ]
+    ctx.redis.rpush(ctx.settings.event_list, *bodies)
+    while dispatcher.step(block_s=0.1):
+        pass
+    got = counters(ctx.redis)
+    assert got["bodies"] == len(bodies)
+    assert (got["malformed"], got["unknown_instrument"], got["bad_key"], got["non_create"]) == (3, 1, 2, 1)
+    assert (got["ok"], got["duplicate"]) == (1, 1)
+    assert list(arrivals_for(ctx.redis, "SimCam", group, 1)) == [0]
+
+
+def test_known_instruments_default() -> None:
+    assert {"SimCam", "LSSTCam"} <= known_instruments()
+
+
+def test_lsstcam_sidecar_before_and_after_the_image(ctx: Context, dispatcher: Dispatcher) -> None:
+    group = _group()
+    first = format_key("LSSTCam", 94, group, 0, obs_id=f"MC_O_20261123_{uuid.uuid4().int % 10**6:06d}")
+    second = format_key("LSSTCam", 95, group, 0, obs_id=f"MC_O_20261123_{uuid.uuid4().int % 10**6:06d}")
+    header = json.dumps({"GROUPID": group, "CURINDEX": 1, "IMGTYPE": "OBJECT"}).encode()
+    _put(ctx, first.removesuffix(".fits") + ".json", header)  # sidecar first (the usual order)
+    _put(ctx, first)
+    _put(ctx, second)  # image first: parked until its sidecar lands
+    for _ in range(3):
+        assert dispatcher.step(block_s=10)
+    assert arrivals_for(ctx.redis, "LSSTCam", group, 95) == {}
+    _put(ctx, second.removesuffix(".fits") + ".json", header)
+    assert dispatcher.step(block_s=10)
+    assert arrivals_for(ctx.redis, "LSSTCam", group, 94)[0].key == first
+    assert arrivals_for(ctx.redis, "LSSTCam", group, 95)[0].key == second
+    got = counters(ctx.redis)
+    assert (got["ok"], got["pending_sidecar"], got["sidecar"]) == (2, 1, 2)
+
+
+def test_calibration_decision() -> None:
+    snap = SnapKey("SimCam", 1, "g", 0, "bias.fits")
+    assert calib_type_of(snap) == "bias"
+    assert calib_type_of(SnapKey("SimCam", 1, "g", 0, "raw_dark_001.fits")) == "dark"
+    assert calib_type_of(SnapKey("SimCam", 1, "g", 0, "raw.fits")) is None
+    assert calib_type_of(snap, {"IMGTYPE": "OBJECT"}) is None
+    assert calib_type_of(SnapKey("LSSTCam", 1, "g", 0, "x.fits"), {"IMGTYPE": "FLAT"}) == "flat"
+    assert should_start_calib("flat", announced=False)
+    assert not should_start_calib("flat", announced=True)
+    assert not should_start_calib(None, announced=False)
+
+
+def _queued_tasks(settings: Settings, queue: str) -> list[dict[str, object]]:
+    broker = redis.Redis.from_url(settings.broker)
+    try:
+        messages = [json.loads(raw) for raw in broker.lrange(queue, 0, -1)]
+    finally:
+        broker.close()
+    return [{"task": m["headers"]["task"], "kwargs": json.loads(base64.b64decode(m["body"]))[1]}
+            for m in messages]
+
+
+def test_calibration_without_visit_starts_the_calib_route(
+    ctx: Context, dispatcher: Dispatcher, settings: Settings
+) -> None:
+    group, announced = _group(), _group()
+    ctx.redis.hset(f"visit:SimCam:{announced}", "state", "announced")
+    _put(ctx, format_key("SimCam", 2, group, 0, "bias.fits"))
+    _put(ctx, format_key("SimCam", 2, announced, 0, "bias.fits"))
+    _put(ctx, format_key("SimCam", 3, group, 0, "raw.fits"))
+    for _ in range(3):
+        assert dispatcher.step(block_s=10)
+    (task,) = _queued_tasks(settings, CALIB_QUEUE)
+    assert task["task"] == CALIB_TASK
+    assert task["kwargs"] == {"instrument": "SimCam", "group": group, "detector": 2, "snap": 0,
+                              "bucket": "raws", "key": format_key("SimCam", 2, group, 0, "bias.fits"),
+                              "calib_type": "bias"}
+    assert set(ctx.redis.hkeys(f"calib-route:SimCam:{group}")) == {"2:0"}
+    assert counters(ctx.redis)["calib_started"] == 1
+
+
+def test_unfinished_bodies_are_recovered(ctx: Context, dispatcher: Dispatcher) -> None:
+    group = _group()
+    ctx.redis.rpush(dispatcher.processing_list, _body(format_key("SimCam", 7, group, 0)))
+    assert dispatcher.step(block_s=0.5)
+    assert list(arrivals_for(ctx.redis, "SimCam", group, 7)) == [0]
+
+
+def test_burst_of_10000_is_drained_without_loss(ctx: Context, dispatcher: Dispatcher) -> None:
+    group = _group()
+    bodies = [_body(f"SimCam/{d}/{group}/{s}/raw.fits") for d in range(100) for s in range(100)]
+    pipe = ctx.redis.pipeline(transaction=False)
+    for start in range(0, len(bodies), 1000):
+        pipe.rpush(ctx.settings.event_list, *bodies[start:start + 1000])
+    pipe.execute()
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop, 0.2), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 240
+        while counters(ctx.redis)["bodies"] < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert counters(ctx.redis)["ok"] == len(bodies)
+    assert ctx.redis.llen(ctx.settings.event_list) == 0
+    assert sum(len(arrivals_for(ctx.redis, "SimCam", group, d)) for d in range(100)) == len(bodies)
+
+
+def test_dispatcher_survives_a_redis_restart(tmp_path: Path) -> None:
+    own = private_settings(tmp_path)
+    run_dir = tmp_path / "run"
+    proc = start_redis(own, tmp_path / "redis", run_dir)
+    assert wait_redis(own)
+    client = redis.Redis.from_url(own.events_redis)
+    dispatcher = Dispatcher(redis=client, event_list=own.event_list)
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop, 0.2), daemon=True)
+    thread.start()
+    try:
+        client.rpush(own.event_list, _body("SimCam/1/g1/0/raw.fits"))
+        _wait_for(lambda: client.hget(COUNTERS_KEY, "ok") == b"1")
+        proc.stop()
+        time.sleep(0.5)
+        proc = start_redis(own, tmp_path / "redis", run_dir)
+        assert wait_redis(own)
+        client.rpush(own.event_list, _body("SimCam/1/g2/0/raw.fits"))
+        _wait_for(lambda: bool(arrivals_for(client, "SimCam", "g2", 1)))
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(10)
+        client.close()
+        proc.stop()
+    assert not thread.is_alive()
+
+
+def _wait_for(predicate: object, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
