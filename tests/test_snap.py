@@ -1,0 +1,180 @@
+"""wait_for_snaps against the real Redis, the real S3 gateway and a running dispatcher."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from prompt_tasks.arrivals import Arrival, abort_visit, signal_end
+from prompt_tasks.context import Context
+from prompt_tasks.dispatcher import Dispatcher
+from prompt_tasks.keys import format_key
+from prompt_tasks.objstore import ensure_bucket
+from prompt_tasks.settings import Settings
+from prompt_tasks.snap import WaitPlan, decide, wait_for_snaps
+from prompt_tasks.status import Outcome, StageStatus
+
+
+def _group() -> str:
+    n = uuid.uuid4().int
+    return f"2026-11-24T02:{n % 60:02d}:{n // 60 % 60:02d}.{n // 3600 % 10**6:06d}"
+
+
+@pytest.fixture
+def ctx(settings: Settings) -> Iterator[Context]:
+    context = Context(settings)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def dispatching(ctx: Context) -> Iterator[None]:
+    """A dispatcher running in a thread for the duration of the test."""
+    from prompt_tasks.dispatcher import dispatcher_for
+
+    dispatcher: Dispatcher = dispatcher_for(ctx)
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop, 0.1), daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(10)
+
+
+class Waiter(threading.Thread):
+    """Runs one wait_for_snaps call in a thread and keeps its status."""
+
+    def __init__(self, call: Callable[[], StageStatus]) -> None:
+        super().__init__(daemon=True)
+        self.call = call
+        self.status: StageStatus | None = None
+
+    def run(self) -> None:
+        self.status = self.call()
+
+    def result(self, timeout: float = 30.0) -> StageStatus:
+        self.join(timeout)
+        assert self.status is not None, "wait did not return"
+        return self.status
+
+
+def _put(ctx: Context, key: str, data: bytes = b"raw") -> None:
+    ctx.s3.put_object(ctx.settings.raw_bucket, key, io.BytesIO(data), len(data))
+
+
+def _start_wait(ctx: Context, group: str, detector: int, nimages: int, **kwargs: object) -> Waiter:
+    kwargs.setdefault("timeout", 20.0)
+    waiter = Waiter(lambda: wait_for_snaps(ctx, "SimCam", group, detector, nimages,
+                                           time.time() + 1, **kwargs))  # type: ignore[arg-type]
+    waiter.start()
+    time.sleep(0.2)  # let it block on the wake key
+    return waiter
+
+
+def test_a_put_wakes_the_wait(ctx: Context, dispatching: None) -> None:
+    group = _group()
+    waiter = _start_wait(ctx, group, 4, 1)
+    assert waiter.status is None
+    key = format_key("SimCam", 4, group, 0)
+    _put(ctx, key)
+    status = waiter.result()
+    assert status.outcome is Outcome.OK and status.stage == "wait"
+    assert status.data["snaps"]["0"]["key"] == key
+    assert status.data["wakeups"] >= 1 and status.data["listed"] == []
+    assert status.data["began"] <= status.data["snaps"]["0"]["t"] <= status.data["ended"]
+    assert StageStatus.from_dict(status.to_dict()) == status
+
+
+def test_an_event_before_the_wait_still_counts(ctx: Context, dispatching: None) -> None:
+    group = _group()
+    _put(ctx, format_key("SimCam", 5, group, 0))
+    deadline = time.monotonic() + 10
+    while not ctx.redis.exists(f"arrivals:SimCam:{group}:5") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    status = wait_for_snaps(ctx, "SimCam", group, 5, 1, time.time(), timeout=5)
+    assert status.outcome is Outcome.OK and status.data["wakeups"] == 0
+
+
+def test_two_snaps(ctx: Context, dispatching: None) -> None:
+    group = _group()
+    waiter = _start_wait(ctx, group, 6, 2)
+    _put(ctx, format_key("SimCam", 6, group, 0))
+    _put(ctx, format_key("SimCam", 6, group, 0))  # the same snap again: still one
+    time.sleep(0.2)
+    assert waiter.status is None
+    _put(ctx, format_key("SimCam", 6, group, 1))
+    assert sorted(waiter.result().data["snaps"]) == ["0", "1"]
+
+
+def test_unknown_nimages_ends_with_the_end_signal(ctx: Context, dispatching: None) -> None:
+    group = _group()
+    waiter = _start_wait(ctx, group, 7, 0, quiet_period=60.0)
+    _put(ctx, format_key("SimCam", 7, group, 0))
+    time.sleep(0.3)
+    assert waiter.status is None
+    signal_end(ctx.redis, "SimCam", group)
+    status = waiter.result()
+    assert status.outcome is Outcome.OK and list(status.data["snaps"]) == ["0"]
+
+
+def test_unknown_nimages_ends_after_the_quiet_period(ctx: Context, dispatching: None) -> None:
+    group = _group()
+    waiter = _start_wait(ctx, group, 8, 0, quiet_period=0.5)
+    _put(ctx, format_key("SimCam", 8, group, 0))
+    status = waiter.result()
+    assert status.outcome is Outcome.OK and list(status.data["snaps"]) == ["0"]
+
+
+def test_abort_ends_the_wait(ctx: Context, dispatching: None) -> None:
+    group = _group()
+    waiters = [_start_wait(ctx, group, detector, 1, poll_s=30.0) for detector in (1, 2)]
+    abort_visit(ctx.redis, "SimCam", group, "dome closed")
+    for waiter in waiters:
+        status = waiter.result(timeout=5)
+        assert status.outcome is Outcome.ABORTED and "dome closed" in status.reason
+    assert wait_for_snaps(ctx, "SimCam", group, 3, 1, time.time()).outcome is Outcome.ABORTED
+
+
+def test_nothing_arrives_times_out(ctx: Context) -> None:
+    group = _group()
+    status = wait_for_snaps(ctx, "SimCam", group, 9, 1, time.time(), timeout=0.3)
+    assert status.outcome is Outcome.TIMED_OUT and status.code == "timed_out"
+    assert status.data["snaps"] == {} and status.data["listed"] == []
+
+
+def test_default_timeout_is_expected_end_plus_margin(ctx: Context) -> None:
+    status = wait_for_snaps(ctx, "SimCam", _group(), 9, 1, time.time() - ctx.settings.wait_margin_s)
+    assert status.outcome is Outcome.TIMED_OUT
+
+
+def test_lost_notification_is_found_by_the_listing(ctx: Context, dispatching: None) -> None:
+    group = _group()
+    key = format_key("SimCam", 10, group, 0)
+    ensure_bucket(ctx.s3, ctx.settings, notify=False)
+    try:
+        _put(ctx, key, b"0123456789")
+        _put(ctx, format_key("SimCam", 11, group, 0))  # another detector: not ours
+        time.sleep(0.3)
+        assert not ctx.redis.exists(f"arrivals:SimCam:{group}:10")  # no notification came
+        status = wait_for_snaps(ctx, "SimCam", group, 10, 1, time.time(), timeout=0.5)
+    finally:
+        ensure_bucket(ctx.s3, ctx.settings, notify=True)
+    assert status.outcome is Outcome.OK
+    assert status.data["listed"] == [key]
+    assert status.data["snaps"]["0"]["key"] == key and status.data["snaps"]["0"]["size"] == 10
+
+
+def test_decide_is_pure() -> None:
+    plan = WaitPlan(nimages=0, expected_end=100.0, deadline=300.0, quiet_period=10.0)
+    one = {0: Arrival(0, "k", 1, "", 95.0)}
+    assert decide(plan, {}, ended=True, now=50.0) == (False, 300.0)
+    assert decide(plan, one, ended=True, now=50.0) == (True, 50.0)
+    assert decide(plan, one, ended=False, now=105.0) == (False, 110.0)
+    assert decide(plan, one, ended=False, now=110.0) == (True, 110.0)
+    known = WaitPlan(nimages=2, expected_end=100.0, deadline=300.0, quiet_period=10.0)
+    assert decide(known, one, ended=True, now=50.0) == (False, 300.0)
