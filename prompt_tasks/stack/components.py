@@ -146,7 +146,7 @@ def components(settings: Settings, flower_auth: str | None = None) -> list[Compo
             Health.REDIS_PING, Tier.SERVER, port=settings.redis_port,
         ),
         Component(
-            "s3", "s3", tuple(s3_argv(settings, s3_dir)), (s3_signature(settings),),
+            "s3", "s3", tuple(s3_argv(settings, s3_dir)), (s3_signature(s3_dir),),
             Health.S3_LIVE, Tier.SERVER, port=settings.s3_port, env=s3_env(settings),
         ),
     ]

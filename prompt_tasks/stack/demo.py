@@ -79,17 +79,21 @@ def find_event(client: redis.Redis, settings: Settings, key: str) -> dict[str, A
     return None
 
 
-def find_arrival(settings: Settings, key: str) -> dict[str, Any] | None:
-    """The arrivals-index entry of ``key``, once the dispatcher has indexed it."""
+def find_arrival(client: redis.Redis, key: str) -> dict[str, Any] | None:
+    """The arrivals-index entry of ``key`` once the dispatcher has indexed it, else None."""
     try:
-        from prompt_tasks import arrivals
-    except ImportError:
+        from prompt_tasks.arrivals import arrivals_for
+        from prompt_tasks.keys import parse_key
+    except ImportError:  # the dispatcher's modules are not installed
         return None
-    lookup = getattr(arrivals, "lookup_key", None)
-    if lookup is None:
-        return None
-    result = lookup(settings, key)
-    return None if result is None else dict(result)
+    snap = parse_key(key)
+    for arrival in arrivals_for(client, snap.instrument, snap.group, snap.detector).values():
+        if arrival.key == key:
+            return {
+                "instrument": snap.instrument, "group": snap.group, "detector": snap.detector,
+                **arrival.to_dict(),
+            }
+    return None
 
 
 def _stack_up(run: DemoRun) -> str:
@@ -115,10 +119,10 @@ def _event_arrives(run: DemoRun, timeout: float = 30.0) -> str:
     try:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            arrival = find_arrival(run.settings, key)
+            arrival = find_arrival(client, key)
             if arrival is not None:
                 run.results["arrival"] = arrival
-                return f"indexed by the dispatcher as an arrival: {json.dumps(arrival, default=str)}"
+                return f"indexed by the dispatcher in the arrivals index: {json.dumps(arrival)}"
             record = find_event(client, run.settings, key)
             if record is not None:
                 run.results["event"] = record

@@ -175,9 +175,10 @@ def s3_argv(settings: Settings, data_dir: Path) -> list[str]:
     ]
 
 
-def s3_signature(settings: Settings) -> str:
-    """What the gateway shows in its command line."""
-    return f"{settings.host}:{settings.s3_port}"
+def s3_signature(data_dir: Path) -> str:
+    """What the gateway shows in its command line. JuiceFS rewrites its arguments from the
+    metadata URL on (to mask passwords), so only what comes before that is reliable."""
+    return f"--cache-dir {data_dir / 'cache'}"
 
 
 def start_s3(settings: Settings, data_dir: Path, run_dir: Path) -> ManagedProcess:
@@ -186,6 +187,6 @@ def start_s3(settings: Settings, data_dir: Path, run_dir: Path) -> ManagedProces
     Redis must already be up: the gateway checks its notification target at start-up.
     """
     format_s3(data_dir)
-    proc = ManagedProcess("s3", run_dir, signature=s3_signature(settings))
+    proc = ManagedProcess("s3", run_dir, signature=s3_signature(data_dir))
     proc.start(s3_argv(settings, data_dir), env=s3_env(settings))
     return proc
