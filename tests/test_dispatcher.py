@@ -229,3 +229,31 @@ def _wait_for(predicate: object, timeout: float = 20.0) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError("condition not reached")
+
+
+def test_dispatcher_command_runs_until_sigterm(settings: Settings, ctx: Context) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.update({
+        "PROMPT_TASKS_REDIS_PORT": str(settings.redis_port),
+        "PROMPT_TASKS_S3_PORT": str(settings.s3_port),
+        "PROMPT_TASKS_STATE_DIR": str(settings.state_path),
+    })
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from prompt_tasks.cli import main; main()", "dispatcher", "--text-logs"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        group = _group()
+        key = format_key("SimCam", 12, group, 0)
+        _put(ctx, key)
+        _wait_for(lambda: bool(arrivals_for(ctx.redis, "SimCam", group, 12)), timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, output
+    assert "dispatcher stopped" in output
