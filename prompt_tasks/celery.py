@@ -17,7 +17,7 @@ from prompt_tasks.settings import Settings
 __all__ = ["TASK_MODULES", "app", "celery_config", "create_app", "settings_of"]
 
 #: Modules whose tasks every process of the fleet registers.
-TASK_MODULES: list[str] = []
+TASK_MODULES: list[str] = ["prompt_tasks.tasks"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
