@@ -1,0 +1,1 @@
+"""Benchmarks of prompt-tasks: ``python -m benchmarks.<name>`` against private servers."""
