@@ -1,0 +1,215 @@
+"""The router: one announced visit becomes one chord and one deadline.
+
+For each accepted ``next_visit`` the router decides the detectors (those named by fanned-out
+messages, or the instrument's active science detectors), creates the visit's ledger record
+(atomically: a second announcement of the same (instrument, group) is a duplicate and
+publishes nothing) and publishes
+
+- a chord whose header holds, per detector, the chain
+  ``prepare_repo → wait_for_snap → ingest → run_pipeline`` with the queue set on *every*
+  signature (a queue set on a chain routes only its first task): detector stages on
+  ``detector.<instrument>.<NNN>``, the wait on ``wait``; its callback ``summarize_visit`` runs
+  on ``summary``;
+- ``visit_deadline`` on ``summary``, due at the visit's expected end plus
+  ``deadline_margin_s``: it writes the summary from the ledger if the chord has not (a lost
+  message or an unconsumed queue must not leave a visit pending forever).
+
+The decisions (:func:`detector_queue`, :func:`plan_chord`, :func:`deadline_eta`) are pure.
+``startTime`` is TAI; it is compared with the UTC clock as is, which can only make the
+deadline up to 37 s late, never early.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prompt_tasks import ledger
+from prompt_tasks.context import Context
+from prompt_tasks.errors import InvalidVisit
+from prompt_tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from prompt_tasks.visit import NextVisit
+
+__all__ = [
+    "DETECTOR_CHAIN",
+    "SUMMARY_QUEUE",
+    "WAIT_QUEUE",
+    "Announcement",
+    "ChordPlan",
+    "PlannedTask",
+    "announce",
+    "deadline_eta",
+    "detector_queue",
+    "instrument_detectors",
+    "parse_detector_queue",
+    "plan_chord",
+    "plan_deadline",
+]
+
+WAIT_QUEUE = "wait"
+SUMMARY_QUEUE = "summary"
+#: The chain of one detector: (task name, runs on the detector's own queue).
+DETECTOR_CHAIN: tuple[tuple[str, bool], ...] = (
+    ("prompt_tasks.prepare_repo", True),
+    ("prompt_tasks.wait_for_snap", False),
+    ("prompt_tasks.ingest", True),
+    ("prompt_tasks.run_pipeline", True),
+)
+SUMMARY_TASK = "prompt_tasks.summarize_visit"
+DEADLINE_TASK = "prompt_tasks.visit_deadline"
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    """One signature to publish: task name, queue and keyword arguments."""
+
+    name: str
+    queue: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChordPlan:
+    """A visit's chord: one chain per detector, and the callback."""
+
+    chains: list[list[PlannedTask]]
+    callback: PlannedTask
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What :func:`announce` did."""
+
+    key: str
+    duplicate: bool
+    detectors: list[int]
+    chord_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"key": self.key, "duplicate": self.duplicate, "detectors": self.detectors,
+                "chord_id": self.chord_id}
+
+
+def detector_queue(instrument: str, detector: int) -> str:
+    """The queue of one detector: ``detector.<instrument>.<NNN>``."""
+    detector = int(detector)
+    if detector < 0:
+        raise ValueError(f"detector {detector} is negative")
+    return f"detector.{instrument}.{detector:03d}"
+
+
+def parse_detector_queue(queue: str) -> tuple[str, int] | None:
+    """(instrument, detector) of a detector queue name, or None for any other queue."""
+    head, _, rest = queue.partition(".")
+    instrument, _, number = rest.rpartition(".")
+    if head != "detector" or not instrument or not number.isdigit():
+        return None
+    return instrument, int(number)
+
+
+def plan_chord(visit: NextVisit, detectors: Iterable[int]) -> ChordPlan:
+    """The chord of ``visit`` over ``detectors`` (sorted, duplicates dropped)."""
+    payload = visit.without_detector().to_json_dict()
+    chains = []
+    for det in sorted({int(d) for d in detectors}):
+        own = detector_queue(visit.instrument, det)
+        chains.append([
+            PlannedTask(name, own if on_detector_queue else WAIT_QUEUE, {"visit": payload, "detector": det})
+            for name, on_detector_queue in DETECTOR_CHAIN
+        ])
+    callback = PlannedTask(SUMMARY_TASK, SUMMARY_QUEUE, {"instrument": visit.instrument, "group": visit.groupId})
+    return ChordPlan(chains, callback)
+
+
+def deadline_eta(visit: NextVisit, margin_s: float) -> float:
+    """When the visit's deadline falls (unix s): its expected end plus ``margin_s``."""
+    return visit.expected_end + margin_s
+
+
+def plan_deadline(visit: NextVisit, margin_s: float, now: float) -> tuple[PlannedTask, float]:
+    """The deadline task of ``visit`` and its countdown from ``now`` (never negative)."""
+    task = PlannedTask(DEADLINE_TASK, SUMMARY_QUEUE, {"instrument": visit.instrument, "group": visit.groupId})
+    return task, max(0.0, deadline_eta(visit, margin_s) - now)
+
+
+def instrument_detectors(instrument: str) -> list[int]:
+    """The active science detectors of ``instrument``, from the instrument plugin registry.
+
+    Raises
+    ------
+    InvalidVisit
+        The instrument is not known (or no registry is installed).
+    """
+    try:
+        from prompt_tasks.instruments import known_instruments, load_plugin
+    except ImportError:
+        raise InvalidVisit(f"instrument: unknown instrument {instrument}") from None
+    if instrument not in known_instruments():
+        raise InvalidVisit(f"instrument: unknown instrument {instrument}")
+    plugin = load_plugin(instrument)
+    for name in ("science_detectors", "active_detectors", "detectors"):
+        value = getattr(plugin, name, None)
+        if callable(value):
+            value = value()
+        if value is not None:
+            return sorted({int(d) for d in value})
+    raise InvalidVisit(f"instrument: {instrument} declares no science detectors")
+
+
+def _signature(app: Celery, task: PlannedTask) -> Any:
+    return app.signature(task.name, kwargs=task.kwargs, queue=task.queue)
+
+
+def announce(
+    app: Celery,
+    settings_or_ctx: Settings | Context,
+    visit: NextVisit,
+    detectors: Sequence[int] | None = None,
+) -> Announcement:
+    """Start ``visit`` once: create its ledger record, publish its chord and its deadline.
+
+    ``detectors`` are the detectors to process (fan-out: exactly those received); by default
+    the instrument's active science detectors. Idempotent per (instrument, group): a repeated
+    announcement returns ``duplicate=True`` and publishes nothing.
+
+    Raises
+    ------
+    InvalidVisit
+        Unknown instrument (with no detectors given), or an empty detector list.
+    """
+    from celery import chain, chord
+
+    ctx = settings_or_ctx if isinstance(settings_or_ctx, Context) else Context(settings_or_ctx)
+    own_ctx = ctx is not settings_or_ctx
+    try:
+        chosen = sorted({int(d) for d in (detectors if detectors is not None else instrument_detectors(visit.instrument))})
+        if not chosen:
+            raise InvalidVisit("detector: no detectors to process")
+        settings = ctx.settings
+        now = time.time()
+        deadline_task, countdown = plan_deadline(visit, settings.deadline_margin_s, now)
+        created = ledger.create_visit(ctx.redis, visit, chosen, settings.ledger_ttl_s,
+                                      deadline=now + countdown, received=now)
+        if not created:
+            return Announcement(visit.key, True, chosen, None)
+        plan = plan_chord(visit, chosen)
+        try:
+            header = [chain(*[_signature(app, task) for task in planned]) for planned in plan.chains]
+            result = chord(header, _signature(app, plan.callback)).apply_async()
+            _signature(app, deadline_task).apply_async(countdown=countdown)
+        except Exception:
+            ledger.delete_visit(ctx.redis, visit.instrument, visit.groupId)
+            raise
+        ledger.set_fields(ctx.redis, visit.instrument, visit.groupId, {"chord_id": result.id},
+                          settings.ledger_ttl_s)
+        return Announcement(visit.key, False, chosen, result.id)
+    finally:
+        if own_ctx:
+            ctx.close()

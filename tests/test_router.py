@@ -1,0 +1,102 @@
+"""The router: queue names, the chord plan, the deadline (pure) and idempotent announcement."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from celery import Celery
+
+from prompt_tasks import ledger
+from prompt_tasks.errors import InvalidVisit
+from prompt_tasks.router import (
+    SUMMARY_QUEUE,
+    WAIT_QUEUE,
+    announce,
+    detector_queue,
+    parse_detector_queue,
+    plan_chord,
+    plan_deadline,
+)
+from prompt_tasks.settings import Settings
+from prompt_tasks.visit import NextVisit
+
+
+def _visit(group: str = "2026-11-24T01:00:00.000", **extra: object) -> NextVisit:
+    values: dict[str, object] = {"instrument": "LSSTCam", "groupId": group, "startTime": 1000.0,
+                                 "duration": 30.0, "nimages": 2}
+    values.update(extra)
+    return NextVisit.model_validate(values)
+
+
+def test_detector_queue() -> None:
+    assert detector_queue("LSSTCam", 5) == "detector.LSSTCam.005"
+    assert detector_queue("LSSTCam", 188) == "detector.LSSTCam.188"
+    assert detector_queue("X", 1234) == "detector.X.1234"
+    assert parse_detector_queue("detector.LSSTCam.005") == ("LSSTCam", 5)
+    assert parse_detector_queue("wait") is None and parse_detector_queue("detector.x") is None
+    with pytest.raises(ValueError):
+        detector_queue("LSSTCam", -1)
+
+
+def test_plan_chord_sets_a_queue_on_every_signature() -> None:
+    visit = _visit(detector=4)
+    plan = plan_chord(visit, [2, 0, 2, 1])
+    assert len(plan.chains) == 3
+    for det, chain in zip((0, 1, 2), plan.chains, strict=True):
+        names = [task.name for task in chain]
+        assert names == ["prompt_tasks.prepare_repo", "prompt_tasks.wait_for_snap",
+                         "prompt_tasks.ingest", "prompt_tasks.run_pipeline"]
+        own = f"detector.LSSTCam.{det:03d}"
+        assert [task.queue for task in chain] == [own, WAIT_QUEUE, own, own]
+        for task in chain:
+            assert task.kwargs["detector"] == det
+            assert task.kwargs["visit"]["groupId"] == visit.groupId
+            assert "detector" not in task.kwargs["visit"]  # the fan-out field is dropped
+    assert plan.callback.name == "prompt_tasks.summarize_visit" and plan.callback.queue == SUMMARY_QUEUE
+    assert plan.callback.kwargs == {"instrument": "LSSTCam", "group": visit.groupId}
+
+
+def test_plan_deadline() -> None:
+    visit = _visit()  # expected end 1030
+    task, countdown = plan_deadline(visit, 120.0, now=1000.0)
+    assert (task.name, task.queue, countdown) == ("prompt_tasks.visit_deadline", SUMMARY_QUEUE, 150.0)
+    assert plan_deadline(visit, 120.0, now=5000.0)[1] == 0.0
+
+
+def test_plan_chord_of_189_detectors_is_quick_to_build(celery_app: Celery) -> None:
+    from celery import chain, chord
+
+    plan = plan_chord(_visit(), range(189))
+    header = [chain(*[celery_app.signature(t.name, kwargs=t.kwargs, queue=t.queue) for t in c])
+              for c in plan.chains]
+    sig = chord(header, celery_app.signature(plan.callback.name, kwargs=plan.callback.kwargs,
+                                             queue=plan.callback.queue))
+    queues = {task.options["queue"] for c in sig.tasks for task in c.tasks}
+    assert len(queues) == 190  # 189 detector queues and "wait"
+
+
+def test_announce_is_idempotent(celery_app: Celery, settings: Settings, rdb: redis.Redis) -> None:
+    visit = _visit(startTime=time.time())
+    first = announce(celery_app, settings, visit, detectors=[3, 1, 2])
+    assert not first.duplicate and first.detectors == [1, 2, 3] and first.chord_id
+    assert first.key == "LSSTCam/2026-11-24T01:00:00.000"
+    again = announce(celery_app, settings, visit, detectors=[1, 2, 3])
+    assert again.duplicate and again.chord_id is None
+    record = ledger.read_visit(rdb, "LSSTCam", visit.groupId)
+    assert record is not None and record.chord_id == first.chord_id
+    assert record.deadline == pytest.approx(visit.expected_end + settings.deadline_margin_s, abs=1.0)
+    # one message per first chain task, on each detector's queue, and one deadline: nothing twice
+    for det in (1, 2, 3):
+        assert rdb.llen(detector_queue("LSSTCam", det)) == 1
+    assert rdb.llen("summary") == 1
+
+
+def test_announce_unknown_instrument_without_detectors(celery_app: Celery, settings: Settings,
+                                                       rdb: redis.Redis) -> None:
+    with pytest.raises(InvalidVisit, match="instrument: unknown instrument NoSuchCam"):
+        announce(celery_app, settings, _visit(instrument="NoSuchCam"))
+    with pytest.raises(InvalidVisit):
+        announce(celery_app, settings, _visit(), detectors=[])
+    assert ledger.recent(rdb) == []
