@@ -12,6 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from prompt_tasks.cli import pass_settings
+from prompt_tasks.objstore import ensure_bucket, make_client, wait_live
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack import launcher
 from prompt_tasks.stack.demo import DemoError, DemoRun, demo_steps
@@ -106,6 +107,21 @@ def down(settings: Settings) -> None:
     console = _console()
     stopped = launcher.down(settings, report=_reporter(console))
     console.print(f"stack down: {len(stopped)} processes stopped")
+
+
+@stack.command()
+@click.option("--wait", "wait_s", default=60.0, show_default=True, help="Seconds to wait for the S3 server.")
+@pass_settings
+def bucket(settings: Settings, wait_s: float) -> None:
+    """Create the raw bucket and its event notification (idempotent).
+
+    ``stack up`` does this itself; this is for object stores it does not start (the MinIO of
+    docker-compose, a real deployment).
+    """
+    if not wait_live(settings, timeout=wait_s):
+        raise click.ClickException(f"S3 server {settings.s3_url} not live after {wait_s:.0f} s")
+    ensure_bucket(make_client(settings), settings)
+    click.echo(f"bucket {settings.raw_bucket!r} on {settings.s3_url}: events to {settings.event_arn}")
 
 
 @click.command()

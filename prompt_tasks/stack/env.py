@@ -7,6 +7,7 @@ from. Secrets go through the environment (never the command line, where ``ps`` s
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ def _as_env(value: object) -> str:
         return value.get_secret_value()
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple | dict | set):
+        return json.dumps(sorted(value) if isinstance(value, set) else value)  # pydantic-settings reads JSON
     return str(value)
 
 
