@@ -1,0 +1,201 @@
+"""The Celery base task of every detector stage: statuses instead of exceptions.
+
+:class:`StageTask` wraps each stage body so that
+
+- a stage handed a status that is not ``ok`` passes it on unchanged (the chain short-circuits
+  and the visit's summary still sees the detector);
+- :class:`~prompt_tasks.errors.RetryLater` becomes ``self.retry`` with a jittered countdown,
+  at most ``max_retries`` times (per-stage :class:`StagePolicy`); after that, a failed status;
+- any other exception, a soft time limit included, becomes a failed status with the error's
+  stable code and reason: nothing raises out of a chain, so the chord always completes;
+- the ledger gets the start and end of the stage and the detector's status, and the status
+  names the worker that ran it (``data["worker"]``).
+
+Task bodies never call ``retry`` themselves. A stage task is declared with
+``shared_task(bind=True, base=StageTask, stage="<stage>", chained=<bool>, **policy_options(stage))``
+and takes ``visit`` (the next_visit as a JSON dict) and ``detector`` keyword arguments; a
+chained stage gets the previous stage's status as its first positional argument.
+
+Fault injection (tests and operations): a Redis key ``fault:{instrument}:{group}:{detector}:{stage}``
+makes :func:`check_fault` (called by placeholder stage bodies) raise: ``fail`` a permanent
+error, ``retry`` a :class:`RetryLater`, ``sleep:<seconds>`` a stall, ``crash`` a plain
+exception. See :func:`fault_key`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.signals import worker_init
+
+from prompt_tasks import ledger
+from prompt_tasks.context import Context, context_of
+from prompt_tasks.errors import PermanentError, RetryLater
+from prompt_tasks.status import Outcome, StageStatus
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = [
+    "POLICIES",
+    "StagePolicy",
+    "StageTask",
+    "check_fault",
+    "failed_status",
+    "fault_key",
+    "jittered",
+    "policy_options",
+]
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    """Time limits and retries of one stage."""
+
+    soft_time_limit: float
+    time_limit: float
+    max_retries: int
+    #: Countdown multiplier range applied to ``RetryLater.delay`` (spreads retries out).
+    jitter: tuple[float, float] = (0.8, 1.4)
+
+
+#: Stage name → policy. ``wait`` bounds itself (its timeout is the visit's end plus a margin),
+#: so its limits only catch a runaway.
+POLICIES: dict[str, StagePolicy] = {
+    "prepare": StagePolicy(soft_time_limit=300.0, time_limit=330.0, max_retries=3),
+    "wait": StagePolicy(soft_time_limit=3000.0, time_limit=3060.0, max_retries=5),
+    "ingest": StagePolicy(soft_time_limit=120.0, time_limit=150.0, max_retries=3),
+    "run": StagePolicy(soft_time_limit=600.0, time_limit=660.0, max_retries=1),
+}
+
+
+def policy_options(stage: str) -> dict[str, Any]:
+    """Task decorator options of ``stage`` (its time limits)."""
+    policy = POLICIES[stage]
+    return {"soft_time_limit": policy.soft_time_limit, "time_limit": policy.time_limit}
+
+
+def jittered(delay: float, policy: StagePolicy, rng: random.Random | None = None) -> float:
+    """``delay`` scaled by a random factor from the policy's jitter range (never negative)."""
+    low, high = policy.jitter
+    return max(0.0, delay) * (rng or random).uniform(low, high)
+
+
+def failed_status(stage: str, instrument: str, group: str, detector: int, exc: BaseException,
+                  outcome: Outcome = Outcome.FAILED) -> StageStatus:
+    """The status of a stage that raised ``exc``."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        code, reason = "time_limit", f"{stage}: soft time limit exceeded"
+    else:
+        code = getattr(exc, "code", None) or "internal"
+        reason = f"{type(exc).__name__}: {exc}"
+    return StageStatus(stage, outcome, instrument, group, int(detector), reason=reason, code=str(code))
+
+
+def fault_key(instrument: str, group: str, detector: int, stage: str) -> str:
+    """Redis key that injects a fault into ``stage`` of one detector-visit (tests, drills)."""
+    return f"fault:{instrument}:{group}:{int(detector)}:{stage}"
+
+
+def check_fault(client: redis.Redis, instrument: str, group: str, detector: int, stage: str) -> None:
+    """Raise the fault injected for this stage, if any (see the module docstring)."""
+    mode = client.get(fault_key(instrument, group, detector, stage))
+    if not mode:
+        return
+    mode = str(mode)
+    if mode == "retry":
+        raise RetryLater(f"injected transient fault in {stage}", delay=0.05)
+    if mode.startswith("sleep:"):
+        time.sleep(float(mode.partition(":")[2]))
+        return
+    if mode == "crash":
+        raise RuntimeError(f"injected crash in {stage}")
+    raise PermanentError(f"injected fault in {stage}: {mode}")
+
+
+class StageTask(Task):
+    """Base class of the detector stage tasks (see the module docstring)."""
+
+    #: Stage name (``prepare``, ``wait``, ``ingest``, ``run``); set by the task decorator.
+    stage: str = ""
+    #: True when the task's first positional argument is the previous stage's status.
+    chained: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        visit = kwargs.get("visit") or {}
+        instrument, group = str(visit.get("instrument", "")), str(visit.get("groupId", ""))
+        detector = int(kwargs.get("detector", -1))
+        if self.chained and args:
+            previous = StageStatus.from_dict(args[0])
+            if not previous.ok:
+                return previous.to_dict()
+        ctx = context_of(self.app)
+        ttl = ctx.settings.ledger_ttl_s
+        worker = self._node_name()
+        if not self.request.retries:
+            self._stamp(ctx, instrument, group, detector, f"{self.stage}.start", ttl)
+        try:
+            status = super().__call__(*args, **kwargs)
+            if not isinstance(status, StageStatus):
+                status = StageStatus.from_dict(status)
+        except Retry:
+            raise
+        except RetryLater as exc:
+            policy = POLICIES[self.stage]
+            if self.request.retries < policy.max_retries:
+                raise self.retry(countdown=jittered(exc.delay, policy), max_retries=policy.max_retries) from exc
+            status = failed_status(self.stage, instrument, group, detector, exc)
+            status.reason = f"gave up after {self.request.retries} retries: {status.reason}"
+        except SoftTimeLimitExceeded as exc:
+            status = failed_status(self.stage, instrument, group, detector, exc)
+        except Exception as exc:  # noqa: BLE001 - a stage never raises out of its chain
+            status = failed_status(self.stage, instrument, group, detector, exc)
+        status.data.setdefault("worker", worker)
+        try:
+            ledger.record_stage_end(ctx.redis, status, ttl, worker=worker)
+        except Exception:  # noqa: BLE001 - bookkeeping must not lose the status
+            self._log_ledger_failure(status)
+        return status.to_dict()
+
+    def _node_name(self) -> str:
+        """The node name (``detector-1@host``) of the worker running this task.
+
+        ``request.hostname`` is the node name in ``celery worker`` processes; a worker embedded
+        in a test process reports the machine's name there, so fall back to the name it
+        announced at start-up (:func:`_remember_node_name`).
+        """
+        hostname = str(self.request.hostname or "")
+        if "@" in hostname:
+            return hostname
+        return str(getattr(self.app, "prompt_node_name", None) or hostname)
+
+    def _stamp(self, ctx: Context, instrument: str, group: str, detector: int, name: str,
+               ttl: int) -> None:
+        try:
+            ledger.stamp(ctx.redis, instrument, group, detector, name, ttl)
+        except Exception:  # noqa: BLE001 - bookkeeping must not fail the stage
+            from celery.utils.log import get_task_logger
+
+            get_task_logger(__name__).warning("ledger stamp %s failed", name, exc_info=True)
+
+    @staticmethod
+    def _log_ledger_failure(status: StageStatus) -> None:
+        from celery.utils.log import get_task_logger
+
+        get_task_logger(__name__).warning(
+            "ledger write failed for %s/%s detector %s", status.instrument, status.group,
+            status.detector, exc_info=True,
+        )
+
+
+@worker_init.connect
+def _remember_node_name(sender: Any = None, **_: Any) -> None:
+    """Keep the worker's node name on its app, for :meth:`StageTask._node_name`."""
+    app, hostname = getattr(sender, "app", None), getattr(sender, "hostname", None)
+    if app is not None and hostname:
+        app.prompt_node_name = hostname

@@ -1,0 +1,132 @@
+"""The visit's Celery tasks: the four detector stages, the summary and the visit deadline.
+
+Tasks are thin ``shared_task`` wrappers (so they bind to whichever app imports this module)
+around plain functions that take a :class:`~prompt_tasks.context.Context`. Every argument
+and result is JSON. The router (:mod:`prompt_tasks.router`) sends them by name with the queue
+set on every signature:
+
+=============================== ==================== ===========================================
+task                            queue                job
+=============================== ==================== ===========================================
+``prompt_tasks.prepare_repo``   detector.<I>.<NNN>   prepare the detector's local repo (preload)
+``prompt_tasks.wait_for_snap``  wait                 wait until the detector's snaps are in
+``prompt_tasks.ingest``         detector.<I>.<NNN>   ingest the snaps into the local repo
+``prompt_tasks.run_pipeline``   detector.<I>.<NNN>   run the science pipeline
+``prompt_tasks.summarize_visit`` summary             the chord callback: write the summary
+``prompt_tasks.visit_deadline`` summary              the summary if the chord is late
+=============================== ==================== ===========================================
+
+The bodies of ``prepare_repo``, ``wait_for_snap``, ``ingest`` and ``run_pipeline`` are
+placeholders here (the Butler and bucket-event issues replace them): they do the ledger
+bookkeeping (through :class:`~prompt_tasks.stage.StageTask`) and honour the fault-injection
+keys of :func:`prompt_tasks.stage.check_fault`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Task, shared_task
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from prompt_tasks import ledger
+from prompt_tasks.context import Context, context_of
+from prompt_tasks.stage import StageTask, check_fault, policy_options
+from prompt_tasks.status import Outcome, StageStatus
+
+__all__ = [
+    "deadline_summary",
+    "ingest",
+    "placeholder_stage",
+    "prepare_repo",
+    "run_pipeline",
+    "summarize_visit",
+    "visit_deadline",
+    "visit_summary",
+    "wait_for_snap",
+]
+
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+
+
+# --------------------------------------------------------------------------- plain functions
+
+
+def placeholder_stage(ctx: Context, stage: str, visit: Mapping[str, Any], detector: int) -> StageStatus:
+    """A stage body that only honours injected faults and succeeds (until the real one lands)."""
+    instrument, group = str(visit["instrument"]), str(visit["groupId"])
+    check_fault(ctx.redis, instrument, group, detector, stage)
+    return StageStatus(stage, Outcome.OK, instrument, group, int(detector), data={"placeholder": True})
+
+
+def visit_summary(ctx: Context, instrument: str, group: str,
+                  statuses: Sequence[Mapping[str, Any]] | None, by: str) -> dict[str, Any]:
+    """Build and write a visit's summary (first writer wins); the summary, with ``written``."""
+    record = ledger.read_visit(ctx.redis, instrument, group)
+    now = time.time()
+    summary = ledger.build_summary(record, instrument, group, statuses, by=by, now=now)
+    written = ledger.write_summary(ctx.redis, instrument, group, summary, by=by,
+                                   ttl_s=ctx.settings.ledger_ttl_s, when=now)
+    return {**summary, "written": written}
+
+
+def deadline_summary(ctx: Context, instrument: str, group: str) -> dict[str, Any]:
+    """At the visit's deadline: write the summary from the ledger if nobody has yet."""
+    record = ledger.read_visit(ctx.redis, instrument, group)
+    if record is None or record.summary is not None:
+        return {"instrument": instrument, "group": group, "by": "deadline", "written": False}
+    return visit_summary(ctx, instrument, group, None, by="deadline")
+
+
+# --------------------------------------------------------------------------- stage tasks
+
+
+@shared_task(bind=True, base=StageTask, name="prompt_tasks.prepare_repo", stage="prepare",
+             chained=False, **policy_options("prepare"))
+def prepare_repo(self: Task, visit: dict[str, Any], detector: int) -> StageStatus:
+    """Prepare the detector's local repository for the visit (placeholder)."""
+    return placeholder_stage(context_of(self.app), "prepare", visit, detector)
+
+
+@shared_task(bind=True, base=StageTask, name="prompt_tasks.wait_for_snap", stage="wait",
+             chained=True, **policy_options("wait"))
+def wait_for_snap(self: Task, status: dict[str, Any], visit: dict[str, Any], detector: int) -> StageStatus:
+    """Wait until every snap of the detector-visit has arrived (placeholder: returns at once).
+
+    The bucket-event issue wires ``prompt_tasks.snap.wait_for_snaps`` in here.
+    """
+    return placeholder_stage(context_of(self.app), "wait", visit, detector)
+
+
+@shared_task(bind=True, base=StageTask, name="prompt_tasks.ingest", stage="ingest",
+             chained=True, **policy_options("ingest"))
+def ingest(self: Task, status: dict[str, Any], visit: dict[str, Any], detector: int) -> StageStatus:
+    """Ingest the detector's snaps into its local repository (placeholder)."""
+    return placeholder_stage(context_of(self.app), "ingest", visit, detector)
+
+
+@shared_task(bind=True, base=StageTask, name="prompt_tasks.run_pipeline", stage="run",
+             chained=True, **policy_options("run"))
+def run_pipeline(self: Task, status: dict[str, Any], visit: dict[str, Any], detector: int) -> StageStatus:
+    """Run the visit's science pipeline on the detector (placeholder)."""
+    return placeholder_stage(context_of(self.app), "run", visit, detector)
+
+
+# --------------------------------------------------------------------------- visit tasks
+
+
+@shared_task(bind=True, name="prompt_tasks.summarize_visit", autoretry_for=_REDIS_ERRORS,
+             retry_backoff=1, retry_backoff_max=30, max_retries=10)
+def summarize_visit(self: Task, statuses: list[dict[str, Any]], instrument: str, group: str) -> dict[str, Any]:
+    """The chord callback: the visit's summary from every detector's final status."""
+    return visit_summary(context_of(self.app), instrument, group, statuses, by="chord")
+
+
+@shared_task(bind=True, name="prompt_tasks.visit_deadline", autoretry_for=_REDIS_ERRORS,
+             retry_backoff=1, retry_backoff_max=30, max_retries=10)
+def visit_deadline(self: Task, instrument: str, group: str) -> dict[str, Any]:
+    """The visit's deadline: summarize from the ledger unless the chord already did."""
+    return deadline_summary(context_of(self.app), instrument, group)
