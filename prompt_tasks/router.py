@@ -140,7 +140,10 @@ def plan_deadline(visit: NextVisit, margin_s: float, now: float) -> tuple[Planne
 
 
 def instrument_detectors(instrument: str) -> list[int]:
-    """The active science detectors of ``instrument``, from the instrument plugin registry.
+    """The active science detectors of ``instrument``, from its plugin in the registry.
+
+    A plugin may list them (``science_detectors``); otherwise every detector of its default
+    focal-plane geometry is active.
 
     Raises
     ------
@@ -148,19 +151,20 @@ def instrument_detectors(instrument: str) -> list[int]:
         The instrument is not known (or no registry is installed).
     """
     try:
-        from prompt_tasks.instruments import known_instruments, load_plugin
+        from prompt_tasks.instruments import UnknownInstrument, load_plugin
     except ImportError:
         raise InvalidVisit(f"instrument: unknown instrument {instrument}") from None
-    if instrument not in known_instruments():
-        raise InvalidVisit(f"instrument: unknown instrument {instrument}")
-    plugin = load_plugin(instrument)
-    for name in ("science_detectors", "active_detectors", "detectors"):
-        value = getattr(plugin, name, None)
-        if callable(value):
-            value = value()
-        if value is not None:
-            return sorted({int(d) for d in value})
-    raise InvalidVisit(f"instrument: {instrument} declares no science detectors")
+    try:
+        plugin = load_plugin(instrument)
+    except UnknownInstrument:
+        raise InvalidVisit(f"instrument: unknown instrument {instrument}") from None
+    listed = getattr(plugin, "science_detectors", None)
+    if listed is None:
+        listed = [getattr(det, "id", det) for det in getattr(plugin.geometry(None), "detectors", ())]
+    detectors = sorted({int(d) for d in (listed() if callable(listed) else listed)})
+    if not detectors:
+        raise InvalidVisit(f"instrument: {instrument} has no active science detectors")
+    return detectors
 
 
 def _signature(app: Celery, task: PlannedTask) -> Any:

@@ -15,6 +15,7 @@ from prompt_tasks.router import (
     WAIT_QUEUE,
     announce,
     detector_queue,
+    instrument_detectors,
     parse_detector_queue,
     plan_chord,
     plan_deadline,
@@ -100,3 +101,9 @@ def test_announce_unknown_instrument_without_detectors(celery_app: Celery, setti
     with pytest.raises(InvalidVisit):
         announce(celery_app, settings, _visit(), detectors=[])
     assert ledger.recent(rdb) == []
+
+
+def test_instrument_detectors_from_the_plugin_registry(celery_app: Celery, settings: Settings) -> None:
+    assert instrument_detectors("SimCam") == list(range(9))
+    announced = announce(celery_app, settings, _visit(instrument="SimCam", startTime=time.time()))
+    assert announced.detectors == list(range(9)) and not announced.duplicate
