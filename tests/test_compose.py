@@ -189,7 +189,7 @@ def test_env_example_lists_every_variable(raw_text: str) -> None:
 
 def test_dockerfile_builds_the_package_on_python_312() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.12-slim$", text, re.M)
+    assert re.search(r"^FROM python:3\.12-slim$", text, re.MULTILINE)
     assert "pip install ." in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".state", ".git", ".env"} <= set(ignored)

@@ -112,7 +112,8 @@ class Stack:
     def run(self, *args: str, skip: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         extra = [f"--skip={name}" for name in self.skip] if skip else []
         return subprocess.run(
-            [PROMPT_TASKS, *args, *extra], env=self.env, capture_output=True, text=True, timeout=timeout
+            [PROMPT_TASKS, *args, *extra], env=self.env, capture_output=True, text=True,
+            timeout=timeout, check=False,
         )
 
     def status(self) -> list[dict[str, object]]:
@@ -147,7 +148,7 @@ def test_up_status_ping_up_again_down(stack: Stack) -> None:
     # every worker role answers `celery inspect ping`
     ping = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "prompt_tasks", "inspect", "ping", "--json", "--timeout=5"],
-        env=stack.env, capture_output=True, text=True, timeout=60,
+        env=stack.env, capture_output=True, text=True, timeout=60, check=False,
     )
     assert ping.returncode == 0, ping.stdout + ping.stderr
     nodes = {name.split("@")[0] for name in json.loads(ping.stdout.strip().splitlines()[-1])}
@@ -220,7 +221,8 @@ def test_redis_port_taken_fails_before_anything_starts(stack: Stack) -> None:
 def test_down_of_a_stack_never_started(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     out = subprocess.run(
-        [PROMPT_TASKS, "stack", "down"], env=child_env(settings), capture_output=True, text=True, timeout=60
+        [PROMPT_TASKS, "stack", "down"], env=child_env(settings), capture_output=True, text=True,
+        timeout=60, check=False,
     )
     assert out.returncode == 0
     assert "0 processes stopped" in out.stdout

@@ -16,7 +16,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from prompt_tasks.settings import Settings
-from prompt_tasks.stack.servers import redis_argv, redis_signature, s3_argv, s3_env, s3_signature
+from prompt_tasks.stack.servers import (
+    redis_argv,
+    redis_signature,
+    s3_argv,
+    s3_env,
+    s3_signature,
+)
 from workers import ROLES, Role, detector_hostname
 
 __all__ = [

@@ -120,16 +120,17 @@ def _event_arrives(run: DemoRun, timeout: float = 30.0) -> str:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             arrival = find_arrival(client, key)
+            seen = f"seen {1000 * (time.monotonic() - run.results['put_at']):.0f} ms after the PUT"
             if arrival is not None:
                 run.results["arrival"] = arrival
-                return f"indexed by the dispatcher in the arrivals index: {json.dumps(arrival)}"
+                return f"indexed by the dispatcher in the arrivals index, {seen}: {json.dumps(arrival)}"
             record = find_event(client, run.settings, key)
             if record is not None:
                 run.results["event"] = record
                 size = record.get("s3", {}).get("object", {}).get("size")
                 return (
-                    f"{record.get('eventName')} in Redis list {run.settings.event_list!r} "
-                    f"(key {key}, {size} bytes, at {record.get('eventTime')})"
+                    f"{record.get('eventName')} in Redis list {run.settings.event_list!r}, {seen} "
+                    f"(key {key}, {size} bytes, event time {record.get('eventTime')})"
                 )
             time.sleep(0.05)
     finally:

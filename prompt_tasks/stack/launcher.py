@@ -21,7 +21,14 @@ from pathlib import Path
 from prompt_tasks.objstore import ensure_bucket, make_client
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack import health
-from prompt_tasks.stack.components import Component, Health, Tier, components, data_dir, run_dir
+from prompt_tasks.stack.components import (
+    Component,
+    Health,
+    Tier,
+    components,
+    data_dir,
+    run_dir,
+)
 from prompt_tasks.stack.env import child_env
 from prompt_tasks.stack.process import ManagedProcess
 from prompt_tasks.stack.servers import format_s3, port_in_use, write_redis_config
@@ -159,7 +166,7 @@ def _wait_healthy(
 ) -> None:
     """Wait until every component in ``started`` is healthy; raise if one dies or times out."""
     auth = flower_auth(settings)
-    pending = dict((c.name, (c, p)) for c, p in started)
+    pending = {c.name: (c, p) for c, p in started}
     end = time.monotonic() + timeout
     while pending:
         for name, (component, proc) in list(pending.items()):
