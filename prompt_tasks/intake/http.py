@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -158,7 +158,9 @@ def _token_check(settings: Settings) -> Callable[..., None]:
     scheme = HTTPBearer(auto_error=False, description="The intake token (intake_token).")
     expected = settings.intake_token.get_secret_value().encode() if settings.intake_token else b""
 
-    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(scheme)]) -> None:
+    def require_token(
+        credentials: HTTPAuthorizationCredentials | None = Depends(scheme),  # noqa: B008 - FastAPI idiom
+    ) -> None:
         if not expected:
             return
         given = credentials.credentials.encode() if credentials is not None else b""
