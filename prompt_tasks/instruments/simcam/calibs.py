@@ -7,7 +7,8 @@ corrected well by the calibrations of its own epoch. The raw simulator applies t
 :func:`master_bias`, :func:`master_dark` and :func:`master_flat` are what a calibration
 production would have made of them (the truth plus the noise left after stacking).
 
-Units: bias in ADU; dark in ADU per second; flat dimensionless with mean 1.
+Units: bias in ADU; dark in ADU per second; flat dimensionless with mean 1. Masters carry
+their per-pixel noise in the header (``NOISE``), not as an extension.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from astropy.nddata import CCDData, StdDevUncertainty
+from astropy.nddata import CCDData
 from astropy.time import Time
 
 from prompt_tasks.instruments.simcam.config import SimConfig
@@ -114,8 +115,7 @@ def master_bias(config: SimConfig, detector: int, epoch: int) -> CCDData:
     sigma = read_noise(detector) / gain(detector) / math.sqrt(_STACKED)
     noise = _rng(config, detector, epoch, 11).normal(0, sigma, truth.shape)
     return CCDData((truth + noise).astype(np.float32), unit="adu",
-                   uncertainty=StdDevUncertainty(np.full(truth.shape, sigma, np.float32)),
-                   meta=_meta("bias", detector, epoch, config))
+                   meta=_meta("bias", detector, epoch, config, NOISE=sigma))
 
 
 def master_dark(config: SimConfig, detector: int, epoch: int, dark_time: float = 30.0) -> CCDData:
@@ -125,8 +125,7 @@ def master_dark(config: SimConfig, detector: int, epoch: int, dark_time: float =
     sigma = np.sqrt(truth * dark_time / g + (read_noise(detector) / g) ** 2) / dark_time / math.sqrt(_STACKED)
     noise = _rng(config, detector, epoch, 12).normal(0, 1, truth.shape) * sigma
     return CCDData((truth + noise).astype(np.float32), unit="adu / s",
-                   uncertainty=StdDevUncertainty(sigma.astype(np.float32)),
-                   meta=_meta("dark", detector, epoch, config))
+                   meta=_meta("dark", detector, epoch, config, NOISE=float(np.median(sigma))))
 
 
 def master_flat(config: SimConfig, detector: int, band: str, epoch: int, level_e: float = 20000.0) -> CCDData:
@@ -137,5 +136,4 @@ def master_flat(config: SimConfig, detector: int, band: str, epoch: int, level_e
     data = truth * (1.0 + noise)
     data /= data.mean()
     return CCDData(data.astype(np.float32), unit="",
-                   uncertainty=StdDevUncertainty(np.full(truth.shape, sigma, np.float32)),
-                   meta=_meta("flat", detector, epoch, config, FILTER=physical_filter(band), BAND=band))
+                   meta=_meta("flat", detector, epoch, config, FILTER=physical_filter(band), BAND=band, NOISE=sigma))
