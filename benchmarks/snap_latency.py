@@ -14,7 +14,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -119,16 +123,49 @@ def _summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
+@contextmanager
+def running_dispatcher(ctx: Context, mode: str) -> Iterator[None]:
+    """The dispatcher as in production (``prompt-tasks dispatcher``, its own process) or a thread."""
+    if mode == "thread":
+        dispatcher: Dispatcher = dispatcher_for(ctx)
+        stop = threading.Event()
+        thread = threading.Thread(target=dispatcher.run, args=(stop, 0.5), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(10)
+        return
+    settings = ctx.settings
+    env = dict(os.environ, PROMPT_TASKS_REDIS_PORT=str(settings.redis_port),
+               PROMPT_TASKS_S3_PORT=str(settings.s3_port), PROMPT_TASKS_STATE_DIR=str(settings.state_path))
+    log = (settings.state_path / "dispatcher.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from prompt_tasks.cli import main; main()", "dispatcher"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 def measure(settings: Settings, detectors: int, rounds: int, gap: float, poll: float,
-            timeout: float) -> dict[str, object]:
+            timeout: float, dispatcher_mode: str = "process") -> dict[str, object]:
     """Both methods on the same servers; their summaries and the ratios."""
     ctx = Context(settings)
-    dispatcher: Dispatcher = dispatcher_for(ctx)
-    stop = threading.Event()
-    thread = threading.Thread(target=dispatcher.run, args=(stop, 0.5), daemon=True)
-    thread.start()
-    try:
-        results: dict[str, object] = {"detectors": detectors, "rounds": rounds, "gap_s": gap, "poll_s": poll}
+    with running_dispatcher(ctx, dispatcher_mode), _closing(ctx):
+        results: dict[str, object] = {"detectors": detectors, "rounds": rounds, "gap_s": gap, "poll_s": poll,
+                                      "dispatcher": dispatcher_mode}
+        # warm-up: the first visit pays for connections and the dispatcher's start-up
+        run_round(ctx, _event_waiter, "warm-up", min(detectors, 4), gap, 60.0, poll)
         for name, waiter in (("events", _event_waiter), ("listing_poll", _poll_listing)):
             latencies: list[float] = []
             for index in range(rounds):
@@ -139,11 +176,15 @@ def measure(settings: Settings, detectors: int, rounds: int, gap: float, poll: f
         assert isinstance(events, dict) and isinstance(baseline, dict)
         results["ratio_p50"] = round(baseline["p50_ms"] / max(events["p50_ms"], 1e-3), 1)
         results["ratio_p95"] = round(baseline["p95_ms"] / max(events["p95_ms"], 1e-3), 1)
-        results["dispatcher_counters"] = counters(dispatcher.redis)
-        return results
+        results["dispatcher_counters"] = counters(ctx.redis)
+    return results
+
+
+@contextmanager
+def _closing(ctx: Context) -> Iterator[None]:
+    try:
+        yield
     finally:
-        stop.set()
-        thread.join(10)
         ctx.close()
 
 
@@ -155,16 +196,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap", type=float, default=0.02, help="Seconds between PUTs.")
     parser.add_argument("--poll", type=float, default=0.5, help="Baseline listing period (s).")
     parser.add_argument("--timeout", type=float, default=30.0, help="Longest wait (s).")
+    parser.add_argument("--dispatcher", choices=("process", "thread"), default="process",
+                        help="Run the dispatcher as its own process (as deployed) or in a thread.")
     parser.add_argument("--json", action="store_true", help="Print JSON only.")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="snap-latency-") as root:
         with private_stack(Path(root)) as settings:
-            results = measure(settings, args.detectors, args.rounds, args.gap, args.poll, args.timeout)
+            results = measure(settings, args.detectors, args.rounds, args.gap, args.poll, args.timeout,
+                              args.dispatcher)
     if args.json:
         print(json.dumps(results, indent=2))
         return
     print(f"PUT complete -> wait returned, {args.detectors} detectors x {args.rounds} rounds, "
-          f"{args.gap * 1e3:.0f} ms between PUTs")
+          f"{args.gap * 1e3:.0f} ms between PUTs, dispatcher in a {args.dispatcher}")
     print(f"{'method':<28}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}")
     for name, label in (("events", "bucket events + BLPOP"), ("listing_poll", f"listing every {args.poll} s")):
         row = results[name]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prompt_tasks.keys import SnapKey
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TTL_S",
     "Arrival",
+    "WaitState",
     "abort_key",
     "abort_visit",
     "arrivals_for",
@@ -41,6 +42,7 @@ __all__ = [
     "signal_end",
     "unregister_waiter",
     "visit_announced",
+    "wait_state",
     "wake_key",
     "waiters_key",
 ]
@@ -88,32 +90,63 @@ def abort_key(instrument: str, group: str) -> str:
     return f"abort:{instrument}:{group}"
 
 
+# One round trip: the dispatcher's latency is the waiters' latency.
+_RECORD_LUA = """
+local new = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if new == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return new
+"""
+
+
 def record_arrival(redis: redis.Redis, snap_key: SnapKey, obj_key: str, size: int, etag: str,
                    t: float | None = None, ttl_s: int = DEFAULT_TTL_S) -> bool:
     """Index one snap and wake its waiter; True when it was new, False for a duplicate."""
     t = time.time() if t is None else t
     index = arrivals_key(snap_key.instrument, snap_key.group, snap_key.detector)
-    value = json.dumps({"key": obj_key, "size": int(size), "etag": etag, "t": t})
-    new = bool(redis.hsetnx(index, str(snap_key.snap), value))
     wake = wake_key(snap_key.instrument, snap_key.group, snap_key.detector)
-    pipe = redis.pipeline(transaction=False)
-    if new:
-        pipe.rpush(wake, str(snap_key.snap))
-        pipe.ltrim(wake, -_WAKE_TOKENS_KEPT, -1)
-        pipe.expire(wake, ttl_s)
-    pipe.expire(index, ttl_s)
-    pipe.execute()
-    return new
+    value = json.dumps({"key": obj_key, "size": int(size), "etag": etag, "t": t})
+    script = redis.register_script(_RECORD_LUA)
+    return bool(script(keys=[index, wake], args=[str(snap_key.snap), value, int(ttl_s), _WAKE_TOKENS_KEPT]))
+
+
+def _decode_arrivals(raw: dict[Any, Any]) -> dict[int, Arrival]:
+    out: dict[int, Arrival] = {}
+    for snap, item in raw.items():
+        value = json.loads(item)
+        number = int(snap)
+        out[number] = Arrival(number, value["key"], int(value["size"]), value["etag"], float(value["t"]))
+    return out
 
 
 def arrivals_for(redis: redis.Redis, instrument: str, group: str, detector: int) -> dict[int, Arrival]:
     """Every indexed snap of one detector-visit, by snap number."""
-    out: dict[int, Arrival] = {}
-    for snap, raw in redis.hgetall(arrivals_key(instrument, group, detector)).items():
-        value = json.loads(raw)
-        number = int(snap)
-        out[number] = Arrival(number, value["key"], int(value["size"]), value["etag"], float(value["t"]))
-    return out
+    return _decode_arrivals(redis.hgetall(arrivals_key(instrument, group, detector)))
+
+
+@dataclass(frozen=True)
+class WaitState:
+    """What a waiter needs to decide, read in one round trip."""
+
+    arrivals: dict[int, Arrival]
+    ended: bool
+    aborted: str | None
+
+
+def wait_state(redis: redis.Redis, instrument: str, group: str, detector: int) -> WaitState:
+    """The detector's arrivals and the visit's end and abort markers, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(arrivals_key(instrument, group, detector))
+    pipe.exists(end_key(instrument, group))
+    pipe.get(abort_key(instrument, group))
+    raw, ended, aborted = pipe.execute()
+    if isinstance(aborted, bytes):
+        aborted = aborted.decode(errors="replace")
+    return WaitState(_decode_arrivals(raw), bool(ended), aborted)
 
 
 def register_waiter(redis: redis.Redis, instrument: str, group: str, detector: int,
@@ -159,7 +192,8 @@ def abort_visit(redis: redis.Redis, instrument: str, group: str, reason: str = "
 
 def is_aborted(redis: redis.Redis, instrument: str, group: str) -> str | None:
     """The abort reason if the visit was aborted, else None."""
-    return redis.get(abort_key(instrument, group))
+    reason = redis.get(abort_key(instrument, group))
+    return reason.decode(errors="replace") if isinstance(reason, bytes) else reason
 
 
 def is_ended(redis: redis.Redis, instrument: str, group: str) -> bool:

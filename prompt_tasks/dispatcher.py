@@ -31,7 +31,7 @@ import redis as redis_lib
 from prompt_tasks.arrivals import DEFAULT_TTL_S, record_arrival, visit_announced
 from prompt_tasks.errors import InvalidEvent
 from prompt_tasks.events import ObjectEvent, parse_body
-from prompt_tasks.keys import NeedsSidecar, SnapKey, instrument_of, resolve, scheme_for
+from prompt_tasks.keys import NeedsSidecar, SnapKey, instrument_of, register_scheme, resolve, scheme_for
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -52,6 +52,7 @@ __all__ = [
     "known_instruments",
     "s3_sidecar_reader",
     "should_start_calib",
+    "use_plugin_schemes",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,26 @@ def known_instruments() -> frozenset[str]:
     except ImportError:
         return DEFAULT_INSTRUMENTS
     return frozenset(registry_known())
+
+
+def use_plugin_schemes(instruments: Iterable[str]) -> dict[str, str]:
+    """Register the key scheme each instrument's plugin names; returns instrument → scheme.
+
+    An instrument whose plugin cannot be loaded keeps the scheme it has (logged).
+    """
+    used: dict[str, str] = {}
+    try:
+        from prompt_tasks.instruments import load_plugin
+    except ImportError:
+        return used
+    for name in instruments:
+        try:
+            register_scheme(name, load_plugin(name).key_scheme)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the dispatcher
+            log.warning("instrument %s: key scheme from its plugin not used (%s)", name, exc)
+            continue
+        used[name] = scheme_for(name).name
+    return used
 
 
 def calib_type_of(snap: SnapKey, header: Mapping[str, Any] | None = None) -> str | None:
@@ -186,8 +207,8 @@ class Dispatcher:
         return f"{self.event_list}:processing"
 
     # --- one body -------------------------------------------------------------------------
-    def handle_body(self, raw: bytes | str) -> list[str]:
-        """Handle one list item; returns the outcome of each record (also counted)."""
+    def handle_body(self, raw: bytes | str, count: bool = True) -> list[str]:
+        """Handle one list item; returns the outcome of each record (counted if ``count``)."""
         try:
             events = parse_body(raw)
         except InvalidEvent as exc:
@@ -195,7 +216,8 @@ class Dispatcher:
             outcomes = ["malformed"]
         else:
             outcomes = [self._handle_guarded(event) for event in events]
-        self._count(["bodies", *outcomes])
+        if count:
+            self._count(outcomes, body=True)
         return outcomes
 
     def _handle_guarded(self, event: ObjectEvent) -> str:
@@ -294,10 +316,15 @@ class Dispatcher:
             self.redis.delete(pending)
         return "sidecar"
 
-    def _count(self, outcomes: Iterable[str]) -> None:
+    def _count(self, outcomes: Iterable[str], body: bool = False, done: bytes | str | None = None) -> None:
+        """Count outcomes (and a body); drop ``done`` from the processing list, in one trip."""
         pipe = self.redis.pipeline(transaction=False)
+        if body:
+            pipe.hincrby(COUNTERS_KEY, "bodies", 1)
         for outcome in outcomes:
             pipe.hincrby(COUNTERS_KEY, outcome, 1)
+        if done is not None:
+            pipe.lrem(self.processing_list, 1, done)
         pipe.execute()
 
     # --- the loop -------------------------------------------------------------------------
@@ -319,13 +346,13 @@ class Dispatcher:
         if raw is None:
             return False
         try:
-            self.handle_body(raw)
+            outcomes = self.handle_body(raw, count=False)
         except redis_lib.RedisError:
             raise  # the body stays in the processing list and is recovered after reconnecting
         except Exception:
             log.exception("bucket event body could not be handled: %.200r", raw)
-            self._count(["error"])
-        self.redis.lrem(self.processing_list, 1, raw)
+            outcomes = ["error"]
+        self._count(outcomes, body=True, done=raw)
         return True
 
     def run(self, stop: threading.Event, block_s: float = 1.0) -> None:
@@ -352,6 +379,8 @@ class Dispatcher:
 def dispatcher_for(ctx: Context, known: frozenset[str] | None = None, celery_app: Any = None) -> Dispatcher:
     """A dispatcher on the clients of ``ctx`` (the Celery app sends calibration tasks).
 
+    ``known`` None: the instrument registry's instruments, with their plugins' key schemes.
+
     It gets its own Redis client, returning bytes: a body that is not UTF-8 must reach the
     parser (and be counted as malformed), not break the client that reads it.
     """
@@ -361,10 +390,13 @@ def dispatcher_for(ctx: Context, known: frozenset[str] | None = None, celery_app
             ctx.settings.events_redis, socket_keepalive=True, health_check_interval=10
         )
         ctx.extras["dispatcher_redis"] = client
+    if known is None:
+        known = known_instruments()
+        use_plugin_schemes(known)
     return Dispatcher(
         redis=client,
         event_list=ctx.settings.event_list,
-        known=known_instruments() if known is None else known,
+        known=known,
         read_sidecar=s3_sidecar_reader(ctx.s3),
         send_task=None if celery_app is None else celery_app.send_task,
         ttl_s=ctx.settings.arrival_ttl_s,

@@ -39,6 +39,7 @@ __all__ = [
     "registered_schemes",
     "resolve",
     "scheme_for",
+    "scheme_named",
 ]
 
 
@@ -216,13 +217,21 @@ def _seq_of(group: str, snap: int) -> int:
 
 DEFAULT_SCHEME: KeyScheme = Dmtn219Scheme()
 
+#: Scheme name → scheme, for plugins that name their scheme (``key_scheme = "dmtn-219"``).
+_NAMED: dict[str, KeyScheme] = {DEFAULT_SCHEME.name: DEFAULT_SCHEME, LsstCamScheme.name: LsstCamScheme()}
+
 #: Instrument name → scheme; instruments not listed use :data:`DEFAULT_SCHEME`.
-_SCHEMES: dict[str, KeyScheme] = {"LSSTCam": LsstCamScheme()}
+_SCHEMES: dict[str, KeyScheme] = {"LSSTCam": _NAMED[LsstCamScheme.name]}
 
 
-def register_scheme(instrument: str, scheme: KeyScheme) -> None:
-    """Make ``scheme`` the key scheme of ``instrument`` (an instrument plugin calls this)."""
-    _SCHEMES[instrument] = scheme
+def scheme_named(name: str) -> KeyScheme:
+    """The shipped scheme called ``name`` (``dmtn-219``, ``lsstcam``); KeyError if none."""
+    return _NAMED[name]
+
+
+def register_scheme(instrument: str, scheme: KeyScheme | str) -> None:
+    """Make ``scheme`` (or the shipped scheme of that name) the key scheme of ``instrument``."""
+    _SCHEMES[instrument] = scheme_named(scheme) if isinstance(scheme, str) else scheme
 
 
 def registered_schemes() -> dict[str, KeyScheme]:

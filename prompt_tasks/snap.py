@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, Any
 from prompt_tasks.arrivals import (
     Arrival,
     arrivals_for,
-    is_aborted,
-    is_ended,
     record_arrival,
     register_waiter,
     unregister_waiter,
+    wait_state,
     wake_key,
 )
 from prompt_tasks.errors import InvalidEvent
@@ -176,15 +175,13 @@ def wait_for_snaps(
     register_waiter(redis, instrument, group, detector, settings.arrival_ttl_s)
     try:
         while True:
-            reason = is_aborted(redis, instrument, group)
-            arrivals = arrivals_for(redis, instrument, group, detector)
-            if reason is not None:
-                reason = reason.decode() if isinstance(reason, bytes) else reason
-                return status(Outcome.ABORTED, arrivals, f"visit aborted: {reason}", "aborted")
+            state = wait_state(redis, instrument, group, detector)
+            if state.aborted is not None:
+                return status(Outcome.ABORTED, state.arrivals, f"visit aborted: {state.aborted}", "aborted")
             now = clock()
-            done, look_again = decide(plan, arrivals, is_ended(redis, instrument, group), now)
+            done, look_again = decide(plan, state.arrivals, state.ended, now)
             if done:
-                return status(Outcome.OK, arrivals)
+                return status(Outcome.OK, state.arrivals)
             if now >= plan.deadline:
                 return _at_timeout(ctx, plan, instrument, group, detector, data, status)
             block = min(max(look_again - now, 0.01), poll_s)

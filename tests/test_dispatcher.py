@@ -27,6 +27,7 @@ from prompt_tasks.dispatcher import (
     dispatcher_for,
     known_instruments,
     should_start_calib,
+    use_plugin_schemes,
 )
 from prompt_tasks.keys import SnapKey, format_key
 from prompt_tasks.settings import Settings
@@ -55,9 +56,13 @@ def ctx(settings: Settings) -> Iterator[Context]:
     context.close()
 
 
+#: The registry knows SimCam; LSSTCam (the sidecar scheme) is added for these tests.
+KNOWN = frozenset({"SimCam", "LSSTCam"})
+
+
 @pytest.fixture
 def dispatcher(ctx: Context, celery_app: Celery) -> Dispatcher:
-    return dispatcher_for(ctx, celery_app=celery_app)
+    return dispatcher_for(ctx, known=KNOWN, celery_app=celery_app)
 
 
 def _put(ctx: Context, key: str, data: bytes = b"raw") -> None:
@@ -97,8 +102,10 @@ def test_unusable_records_are_counted_and_skipped(ctx: Context, dispatcher: Disp
     assert list(arrivals_for(ctx.redis, "SimCam", group, 1)) == [0]
 
 
-def test_known_instruments_default() -> None:
-    assert {"SimCam", "LSSTCam"} <= known_instruments()
+def test_known_instruments_come_from_the_registry(ctx: Context) -> None:
+    assert "SimCam" in known_instruments()
+    assert use_plugin_schemes(["SimCam", "NoSuchCam"]) == {"SimCam": "dmtn-219"}
+    assert dispatcher_for(ctx).known == known_instruments()
 
 
 def test_lsstcam_sidecar_before_and_after_the_image(ctx: Context, dispatcher: Dispatcher) -> None:
