@@ -14,6 +14,8 @@ from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import redis_binary
 from tests.servers import missing, private_servers, test_settings
 
+pytest_plugins = ["tests.simcam_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
