@@ -8,7 +8,7 @@ PYTHON312 ?= $(shell (d=$$(pyenv prefix 3.12 2>/dev/null || pyenv prefix 3.12.1 
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test system-deps venv lint clean
+.PHONY: demo test system-deps venv lint clean readme
 
 system-deps:
 	@command -v redis-server >/dev/null || { \
@@ -32,6 +32,12 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check prompt_tasks workers tests benchmarks beat_schedule.py
+
+# Regenerate the README's configuration table from the settings' fields.
+readme: venv
+	$(BIN)/python -c 'import re, pathlib; from prompt_tasks.stack.env import settings_markdown as t; \
+	p = pathlib.Path("README.md"); b, e = "<!-- settings:begin -->", "<!-- settings:end -->"; \
+	p.write_text(re.sub(re.escape(b) + ".*?" + re.escape(e), lambda m: b + "\n" + t() + e, p.read_text(), flags=re.S))'
 
 clean:
 	-$(BIN)/prompt-tasks stack down

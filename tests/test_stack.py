@@ -226,3 +226,13 @@ def test_down_of_a_stack_never_started(tmp_path: Path) -> None:
     )
     assert out.returncode == 0
     assert "0 processes stopped" in out.stdout
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [name for name in settings_env_names() if f"`{name}`" not in readme]
+    assert not missing, f"run `make readme`: README lacks {missing}"
+
+
+def settings_env_names() -> list[str]:
+    return [f"PROMPT_TASKS_{name.upper()}" for name in Settings.model_fields]

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from prompt_tasks.settings import Settings
 
-__all__ = ["ENV_PREFIX", "child_env", "env_name", "settings_env"]
+__all__ = ["ENV_PREFIX", "child_env", "env_name", "settings_env", "settings_markdown"]
 
 ENV_PREFIX = "PROMPT_TASKS_"
 
@@ -62,3 +62,21 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
     env = {key: value for key, value in source.items() if not key.startswith(ENV_PREFIX)}
     env.update(settings_env(settings))
     return env
+
+
+def settings_markdown() -> str:
+    """Every setting as a Markdown table row: variable, default, description (for the README)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        if isinstance(default, SecretStr):
+            shown = "(set; change it)"
+        elif default is None:
+            shown = "(none)"
+        elif isinstance(default, bool):
+            shown = f"`{_as_env(default)}`"
+        else:
+            shown = f"`{default}`"
+        description = (info.description or "").replace("|", "\\|").replace("<", "&lt;")
+        rows.append(f"| `{env_name(name)}` | {shown} | {description} |")
+    return "\n".join(rows) + "\n"

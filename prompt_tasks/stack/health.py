@@ -39,7 +39,8 @@ def s3_live(settings: Settings, timeout: float = 1.0) -> bool:
 
 
 def http_ok(url: str, timeout: float = 1.0, auth: str | None = None) -> bool:
-    """True when ``GET url`` answers 200 (``auth``: ``user:password`` for basic auth)."""
+    """True when ``GET url`` answers 200 (``auth``: ``user:password`` for basic auth) and,
+    when the body is a JSON object with an ``ok`` field, that field is true."""
     headers = {}
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
@@ -47,7 +48,13 @@ def http_ok(url: str, timeout: float = 1.0, auth: str | None = None) -> bool:
         resp = urllib3.request("GET", url, headers=headers, timeout=timeout, retries=False)
     except urllib3.exceptions.HTTPError:
         return False
-    return resp.status == 200
+    if resp.status != 200:
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and body.get("ok") is False)
 
 
 def flower_api(settings: Settings, auth: str | None, timeout: float = 2.0) -> bool:
