@@ -200,10 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Run the dispatcher as its own process (as deployed) or in a thread.")
     parser.add_argument("--json", action="store_true", help="Print JSON only.")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="snap-latency-") as root:
-        with private_stack(Path(root)) as settings:
-            results = measure(settings, args.detectors, args.rounds, args.gap, args.poll, args.timeout,
-                              args.dispatcher)
+    with tempfile.TemporaryDirectory(prefix="snap-latency-") as root, private_stack(Path(root)) as settings:
+        results = measure(settings, args.detectors, args.rounds, args.gap, args.poll, args.timeout,
+                          args.dispatcher)
     if args.json:
         print(json.dumps(results, indent=2))
         return

@@ -43,8 +43,8 @@ __all__ = [
     "unregister_waiter",
     "visit_announced",
     "wait_state",
-    "wake_key",
     "waiters_key",
+    "wake_key",
 ]
 
 #: TTL used when a caller gives none (the default of ``settings.arrival_ttl_s``).

@@ -31,7 +31,14 @@ import redis as redis_lib
 from prompt_tasks.arrivals import DEFAULT_TTL_S, record_arrival, visit_announced
 from prompt_tasks.errors import InvalidEvent
 from prompt_tasks.events import ObjectEvent, parse_body
-from prompt_tasks.keys import NeedsSidecar, SnapKey, instrument_of, register_scheme, resolve, scheme_for
+from prompt_tasks.keys import (
+    NeedsSidecar,
+    SnapKey,
+    instrument_of,
+    register_scheme,
+    resolve,
+    scheme_for,
+)
 
 if TYPE_CHECKING:
     from minio import Minio

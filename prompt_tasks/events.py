@@ -68,7 +68,7 @@ class ObjectEvent:
         if not self.event_time:
             return None
         try:
-            return datetime.fromisoformat(self.event_time.replace("Z", "+00:00")).timestamp()
+            return datetime.fromisoformat(self.event_time).timestamp()
         except ValueError:
             return None
 

@@ -196,7 +196,7 @@ def _at_timeout(ctx: Context, plan: WaitPlan, instrument: str, group: str, detec
     """List the bucket once, index what is there, and end ok if that completes the wait."""
     try:
         data["listed"] = list_snaps(ctx, instrument, group, detector)
-    except Exception as exc:  # an unreachable S3 must still end the wait with a status
+    except Exception as exc:  # noqa: BLE001 - an unreachable S3 must still end the wait with a status
         log.warning("listing the bucket at timeout failed: %s", exc)
         data["listing_error"] = str(exc)
     arrivals = arrivals_for(ctx.redis, instrument, group, detector)
