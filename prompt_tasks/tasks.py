@@ -16,10 +16,10 @@ task                            queue                job
 ``prompt_tasks.visit_deadline`` summary              the summary if the chord is late
 =============================== ==================== ===========================================
 
-The bodies of ``prepare_repo``, ``wait_for_snap``, ``ingest`` and ``run_pipeline`` are
-placeholders here (the Butler and bucket-event issues replace them): they do the ledger
-bookkeeping (through :class:`~prompt_tasks.stage.StageTask`) and honour the fault-injection
-keys of :func:`prompt_tasks.stage.check_fault`.
+``wait_for_snap`` runs :func:`prompt_tasks.snap.wait_for_snaps`. The bodies of
+``prepare_repo``, ``ingest`` and ``run_pipeline`` are placeholders here (the Butler issues
+replace them): they do the ledger bookkeeping (through :class:`~prompt_tasks.stage.StageTask`)
+and honour the fault-injection keys of :func:`prompt_tasks.stage.check_fault`.
 """
 
 from __future__ import annotations
@@ -94,11 +94,18 @@ def prepare_repo(self: Task, visit: dict[str, Any], detector: int) -> StageStatu
 @shared_task(bind=True, base=StageTask, name="prompt_tasks.wait_for_snap", stage="wait",
              chained=True, **policy_options("wait"))
 def wait_for_snap(self: Task, status: dict[str, Any], visit: dict[str, Any], detector: int) -> StageStatus:
-    """Wait until every snap of the detector-visit has arrived (placeholder: returns at once).
+    """Wait until every snap of the detector-visit is in the bucket (:mod:`prompt_tasks.snap`).
 
-    The bucket-event issue wires ``prompt_tasks.snap.wait_for_snaps`` in here.
+    Times out at the visit's expected end (``startTime + duration``, TAI compared with the
+    UTC clock as is: late, never early) plus ``settings.wait_margin_s``.
     """
-    return placeholder_stage(context_of(self.app), "wait", visit, detector)
+    from prompt_tasks.snap import wait_for_snaps
+
+    ctx = context_of(self.app)
+    instrument, group = str(visit["instrument"]), str(visit["groupId"])
+    check_fault(ctx.redis, instrument, group, detector, "wait")
+    expected_end = float(visit.get("startTime") or 0.0) + float(visit.get("duration") or 0.0)
+    return wait_for_snaps(ctx, instrument, group, int(detector), int(visit.get("nimages") or 0), expected_end)
 
 
 @shared_task(bind=True, base=StageTask, name="prompt_tasks.ingest", stage="ingest",

@@ -34,6 +34,7 @@ def chord_settings(servers: Settings) -> Settings:
     client = redis.Redis.from_url(servers.redis_url(0))
     client.flushall()
     client.close()
+    _events_redis[:] = [servers.events_redis]
     return servers.model_copy(update={"deadline_margin_s": 2.0, "ledger_ttl_s": 600})
 
 
@@ -74,7 +75,27 @@ def _visit(**extra: object) -> NextVisit:
     values: dict[str, object] = {"instrument": INSTRUMENT, "groupId": f"2026-11-24T02:00:{next(_groups):02d}.000",
                                  "startTime": time.time(), "duration": 0.0, "nimages": 1}
     values.update(extra)
-    return NextVisit.model_validate(values)
+    visit = NextVisit.model_validate(values)
+    _snaps_arrived(visit)
+    return visit
+
+
+def _snaps_arrived(visit: NextVisit) -> None:
+    """Index the visit's raws as arrived, so the real wait stage finds them at once."""
+    from prompt_tasks.arrivals import record_arrival
+    from prompt_tasks.keys import SnapKey, format_key
+
+    client = redis.Redis.from_url(_events_redis[0])
+    try:
+        for detector in [*DETECTORS, UNCONSUMED]:
+            key = format_key(INSTRUMENT, detector, visit.groupId, 0)
+            record_arrival(client, SnapKey(INSTRUMENT, detector, visit.groupId, 0, "raw.fits"), key, 1, "")
+    finally:
+        client.close()
+
+
+#: The events Redis of the module's servers (set by ``chord_settings``).
+_events_redis: list[str] = []
 
 
 def _summary(app: Celery, chord_id: str | None) -> dict:
