@@ -233,7 +233,7 @@ class FocalPlane:
         return poly
 
     def visit_region(self, ra: float, dec: float, camera_angle: float, pad_deg: float = 0.0) -> ConvexPolygon:
-        """A polygon enclosing every detector of the focal plane."""
+        """A polygon enclosing every detector of the focal plane (with a pixel to spare)."""
         corners_u, corners_v = [], []
         for det in self.detectors:
             for x in (-0.5, det.nx - 0.5):
@@ -241,7 +241,7 @@ class FocalPlane:
                     u, v = det.pixel_to_focal(np.array([x]), np.array([y]))
                     corners_u.append(float(u[0]))
                     corners_v.append(float(v[0]))
-        pad = pad_deg * 3600.0
+        pad = pad_deg * 3600.0 + PIXEL_SCALE  # one pixel more, so edges never coincide
         u0, u1 = min(corners_u) - pad, max(corners_u) + pad
         v0, v1 = min(corners_v) - pad, max(corners_v) + pad
         us, vs = np.array([u0, u1, u1, u0]), np.array([v0, v0, v1, v1])
