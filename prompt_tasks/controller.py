@@ -148,7 +148,7 @@ class QueueController:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - the loop must outlive broker hiccups
+            except Exception:
                 log.warning("queue controller tick failed", exc_info=True)
             self._stop.wait(self.period)
 

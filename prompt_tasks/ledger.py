@@ -188,7 +188,11 @@ def stamp_snap(client: redis.Redis, instrument: str, group: str, detector: int, 
 
 def record_stage_end(client: redis.Redis, status: StageStatus, ttl_s: int,
                      worker: str = "") -> None:
-    """Record the end of a stage and the detector's status after it, in one write."""
+    """Record the end of a stage and the detector's status after it, in one write.
+
+    A status whose ``data["snaps"]`` maps snap numbers to arrivals with a time ``t`` (the
+    wait stage's) also records each snap's arrival time.
+    """
     fields = {
         f"{status.stage}.end": repr(status.finished),
         "outcome": status.outcome.value,
@@ -199,6 +203,12 @@ def record_stage_end(client: redis.Redis, status: StageStatus, ttl_s: int,
     if worker:
         fields["worker"] = worker
         fields[f"{status.stage}.worker"] = worker
+    snaps = status.data.get("snaps")
+    if isinstance(snaps, Mapping):  # the wait stage reports each snap's arrival time
+        for snap, arrival in snaps.items():
+            when = arrival.get("t") if isinstance(arrival, Mapping) else None
+            if str(snap).isdigit() and isinstance(when, int | float):
+                fields[f"snap.{int(snap)}"] = repr(float(when))
     set_fields(
         client, status.instrument, status.group,
         {detector_field(status.detector, name): value for name, value in fields.items()}, ttl_s,
@@ -239,7 +249,9 @@ class DetectorRecord:
     """What the ledger knows of one detector-visit."""
 
     detector: int
-    #: Stage event name (``prepare.start``, ``run.end``...) → unix time.
+    #: Event → unix time: ``received``, ``<stage>.start``, ``<stage>.end`` (stages of
+    #: :data:`STAGES`: prepared = ``prepare.end``, ingested = ``ingest.end``, run started and
+    #: finished = ``run.start`` / ``run.end``), ``summarized``.
     times: dict[str, float] = field(default_factory=dict)
     #: Snap number → arrival time.
     snaps: dict[int, float] = field(default_factory=dict)
@@ -369,17 +381,23 @@ def parse_record(raw: Mapping[str, str]) -> VisitRecord | None:
             setattr(rec, rest, value)
         elif rest.endswith(".worker"):
             rec.workers[rest.removesuffix(".worker")] = value
+    received, summarized = _float(raw.get("received")), _float(raw.get("summarized"))
+    for rec in detectors.values():  # visit-wide events, per detector for uniform reading
+        if received is not None:
+            rec.times["received"] = received
+        if summarized is not None:
+            rec.times["summarized"] = summarized
     return VisitRecord(
         instrument=raw.get("instrument", ""),
         group=raw.get("group", ""),
         visit=json.loads(raw.get("visit") or "{}"),
         detectors=dict(sorted(detectors.items())),
-        received=_float(raw.get("received")),
+        received=received,
         expected_end=_float(raw.get("expected_end")),
         deadline=_float(raw.get("deadline")),
         chord_id=raw.get("chord_id", ""),
         summary=json.loads(raw["summary"]) if raw.get("summary") else None,
-        summarized=_float(raw.get("summarized")),
+        summarized=summarized,
         summary_by=raw.get("summary_by", ""),
     )
 

@@ -58,7 +58,7 @@ def test_parse_record_pure() -> None:
     assert d0.final and d0.duration("prepare") == 1.5 and d0.snaps == {0: 110.0, 1: 120.0}
     assert d0.workers == {"prepare": "detector-1@h"} and d0.progress == "run done"
     assert d1.final and d1.code == "permanent" and d1.snaps == {}
-    assert not d2.final and d2.progress == "pending" and d2.times == {}
+    assert not d2.final and d2.progress == "pending" and d2.times == {"received": 100.0}
     assert record.counts() == {"ok": 1, "failed": 1, "pending": 1}
     assert json.loads(json.dumps(record.to_dict()))["detectors"]["0"]["snaps"] == {"0": 110.0, "1": 120.0}
     assert ledger.parse_record({}) is None
@@ -119,9 +119,15 @@ def test_stamps_and_statuses(rdb: redis.Redis, settings: Settings) -> None:
     status = StageStatus("prepare", Outcome.OK, "SimCam", "g-stamps", 7, finished=8.0)
     ledger.record_stage_end(rdb, status, TTL, worker="detector-2@h")
     rec = ledger.read_visit(rdb, "SimCam", "g-stamps").detectors[7]  # type: ignore[union-attr]
-    assert rec.times == {"prepare.start": 5.0, "prepare.end": 8.0}
+    assert {k: v for k, v in rec.times.items() if k != "received"} == {"prepare.start": 5.0, "prepare.end": 8.0}
     assert rec.snaps == {0: 6.0} and rec.workers == {"prepare": "detector-2@h"}
     assert (rec.outcome, rec.stage, rec.final, rec.progress) == ("ok", "prepare", False, "prepare done")
+    # the wait stage's status carries each snap's arrival
+    waited = StageStatus("wait", Outcome.OK, "SimCam", "g-stamps", 7, finished=12.0,
+                         data={"snaps": {"1": {"key": "k", "t": 11.0}, "x": {"t": 1.0}}})
+    ledger.record_stage_end(rdb, waited, TTL, worker="wait@h")
+    rec = ledger.read_visit(rdb, "SimCam", "g-stamps").detectors[7]  # type: ignore[union-attr]
+    assert rec.snaps == {0: 6.0, 1: 11.0} and rec.workers["wait"] == "wait@h"
 
 
 def test_summary_first_writer_wins(rdb: redis.Redis, settings: Settings) -> None:

@@ -27,7 +27,9 @@ from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner
 
 from prompt_tasks import ledger
+from prompt_tasks.arrivals import record_arrival
 from prompt_tasks.controller import QueueController, read_assignment, read_events
+from prompt_tasks.keys import SnapKey, format_key
 from prompt_tasks.router import announce, detector_queue
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
@@ -53,10 +55,9 @@ def route_settings(servers: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def app(route_settings: Settings) -> Iterator[Celery]:
+    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
     from prompt_tasks.celery import create_app
     from prompt_tasks.context import drop_context
-
-    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
 
     celery_app = create_app(route_settings)
     celery_app.loader.import_module("celery.contrib.testing.tasks")
@@ -148,16 +149,21 @@ def _settled(ctl: QueueController, n_workers: int) -> bool:
     return all(consumers[q] == [ctl.assignment.get(q)] for q in QUEUES)
 
 
-def _visit() -> NextVisit:
-    return NextVisit.model_validate({
+def _visit(rdb: redis.Redis) -> NextVisit:
+    """A visit of one snap per detector, its raws already indexed as arrived."""
+    visit = NextVisit.model_validate({
         "instrument": INSTRUMENT, "groupId": f"2026-11-24T03:00:{next(_groups):02d}.000",
         "startTime": time.time() + 3600, "nimages": 1,
     })
+    for det in DETECTORS:
+        snap = SnapKey(INSTRUMENT, det, visit.groupId, 0, "raw.fits")
+        record_arrival(rdb, snap, format_key(INSTRUMENT, det, visit.groupId, 0), 1, "")
+    return visit
 
 
 def _run_visit(app: Celery, settings: Settings, rdb: redis.Redis) -> dict[int, dict[str, str]]:
     """Run one visit to its summary; detector → stage → worker that ran it."""
-    visit = _visit()
+    visit = _visit(rdb)
     announced = announce(app, settings, visit, detectors=DETECTORS)
     summary = app.AsyncResult(announced.chord_id).get(timeout=120)
     assert summary["counts"]["ok"] == len(DETECTORS), summary
