@@ -178,3 +178,25 @@ def test_decide_is_pure() -> None:
     assert decide(plan, one, ended=False, now=110.0) == (True, 110.0)
     known = WaitPlan(nimages=2, expected_end=100.0, deadline=300.0, quiet_period=10.0)
     assert decide(known, one, ended=True, now=50.0) == (False, 300.0)
+
+
+def test_wait_task_on_a_real_wait_worker(ctx: Context, dispatching: None, celery_app: object) -> None:
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker
+
+    assert isinstance(celery_app, Celery)
+    group = _group()
+    visit = {"instrument": "SimCam", "groupId": group, "startTime": time.time(), "duration": 5.0, "nimages": 1}
+    previous = StageStatus("prepare", Outcome.OK, "SimCam", group, 13).to_dict()
+    with start_worker(celery_app, pool="threads", concurrency=4, queues=["wait"], perform_ping_check=False,
+                      hostname="wait@snap-test", shutdown_timeout=10):
+        result = celery_app.signature("prompt_tasks.wait_for_snap", args=[previous],
+                                      kwargs={"visit": visit, "detector": 13}, queue="wait").apply_async()
+        time.sleep(0.5)
+        assert not result.ready()
+        key = format_key("SimCam", 13, group, 0)
+        _put(ctx, key)
+        status = StageStatus.from_dict(result.get(timeout=30))
+    assert status.outcome is Outcome.OK and status.stage == "wait"
+    assert status.data["snaps"]["0"]["key"] == key
+    assert status.data["worker"] == "wait@snap-test"
