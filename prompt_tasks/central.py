@@ -45,6 +45,7 @@ __all__ = [
     "TEMPLATE_COLLECTION",
     "apdb_config_path",
     "calibration_runs",
+    "database_url",
     "dataset_types",
     "init_central",
     "read_camera",
@@ -132,6 +133,16 @@ def _existing(butler: Butler, dataset_type: str, run: str) -> set[tuple[Any, ...
 def _key(butler: Butler, dataset_type: str, data_id: dict[str, Any]) -> tuple[Any, ...]:
     dims = butler.get_dataset_type(dataset_type).dimensions.required
     return tuple(data_id[name] for name in dims)
+
+
+def database_url(url: str) -> str:
+    """``url`` with the driver installed here made explicit (``postgresql://`` → psycopg2).
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not a dependency.
+    """
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
 
 
 def _ensure_postgres(url: str, namespace: str | None) -> None:
@@ -232,6 +243,7 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
         say(f"{step.name}: {step.created} created, {step.existing} already there"
             + (f" ({'; '.join(step.notes)})" if step.notes else ""))
 
+    registry_db = database_url(registry_db) if registry_db else None
     step = Step("repository")
     butler = _open_repo(settings.central_repo_uri, registry_db, registry_namespace, step)
     done(step)
@@ -354,7 +366,7 @@ def _init_apdb(settings: Settings, namespace: str | None) -> Step:
 
     step = Step("apdb")
     path = apdb_config_path(settings)
-    url = settings.apdb_uri
+    url = database_url(settings.apdb_uri)
     if path.exists():
         Apdb.from_uri(str(path))  # proves the config and the schema are usable
         step.existing += 1
