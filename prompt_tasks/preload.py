@@ -236,7 +236,7 @@ def _query_one(central: Butler, query: DatasetQuery, collections: list[str], whe
 
 
 def find_refs(central: Butler, plan: PreloadPlan, collections: list[str], when: Any,
-              region: Region | None) -> dict[DatasetQuery, list[DatasetRef]]:
+              region: Region | None) -> list[tuple[DatasetQuery, list[DatasetRef]]]:
     """Every planned query's datasets in ``collections`` of the central repo.
 
     Parameters
@@ -246,7 +246,7 @@ def find_refs(central: Butler, plan: PreloadPlan, collections: list[str], when: 
     region
         The detector's padded predicted footprint (spatial queries find nothing without it).
     """
-    return {query: _query_one(central, query, collections, when, region) for query in plan.queries}
+    return [(query, _query_one(central, query, collections, when, region)) for query in plan.queries]
 
 
 def _certifications(central: Butler, refs: list[DatasetRef]) -> list[tuple[str, DatasetRef, Any]]:
@@ -261,7 +261,7 @@ def _certifications(central: Butler, refs: list[DatasetRef]) -> list[tuple[str, 
     for name, typed in by_type.items():
         ids = {ref.id: ref for ref in typed}
         dataset_type = typed[0].datasetType
-        data_ids = {ref.dataId.required for ref in typed}
+        data_ids = {tuple(sorted(ref.dataId.required.items())) for ref in typed}
         with central.query() as q:
             for data_id in data_ids:
                 result = (
@@ -336,7 +336,7 @@ def preload(central: Butler, local: Butler, plan: PreloadPlan, collections: list
     t0 = time.perf_counter()
     found = find_refs(central, plan, collections, when, region)
     wanted: dict[Any, tuple[DatasetQuery, DatasetRef]] = {}
-    for query, refs in found.items():
+    for query, refs in found:
         report.found[query.kind.value] = report.found.get(query.kind.value, 0) + len(refs)
         if not refs:
             report.missing.append(query.dataset_type)
