@@ -144,10 +144,10 @@ def _record(ctx: Context, visit: NextVisit, detector: int, fields: Mapping[str, 
     )
 
 
-def _status(stage: str, visit: NextVisit, detector: int, outcome: Outcome = Outcome.OK,
+def _status(stage: str, next_visit: NextVisit, detector: int, outcome: Outcome = Outcome.OK,
             reason: str = "", code: str = "", **data: Any) -> StageStatus:
-    return StageStatus(stage, outcome, visit.instrument, visit.groupId, int(detector), reason=reason,
-                       code=code, data=data)
+    return StageStatus(stage, outcome, next_visit.instrument, next_visit.groupId, int(detector),
+                       reason=reason, code=code, data=data)
 
 
 # --------------------------------------------------------------------------- prepare
