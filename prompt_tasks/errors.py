@@ -50,9 +50,29 @@ class PermanentError(PromptTasksError):
 
 
 class InvalidVisit(PermanentError):
-    """A ``next_visit`` event that is malformed or cannot be processed."""
+    """A ``next_visit`` event that is malformed or cannot be processed.
+
+    ``errors`` lists ``{"field", "reason"}`` pairs; by default they are read from a message
+    written ``field: reason; field: reason``.
+    """
 
     code = "invalid_visit"
+
+    def __init__(self, message: str, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors: list[dict[str, str]] = errors if errors is not None else _field_errors(message)
+
+
+def _field_errors(message: str) -> list[dict[str, str]]:
+    """``[{"field", "reason"}]`` of a message written ``field: reason; ...`` (else the body's)."""
+    out = []
+    for part in message.split("; "):
+        head, sep, tail = part.partition(": ")
+        if sep and head and " " not in head:
+            out.append({"field": head, "reason": tail})
+        else:
+            out.append({"field": "body", "reason": part})
+    return out
 
 
 class InvalidEvent(PermanentError):
