@@ -256,6 +256,4 @@ def _short(exc: BaseException, limit: int = 120) -> str:
 
 def _invalid(errors: list[dict[str, str]]) -> InvalidVisit:
     """An :class:`InvalidVisit` whose message lists ``errors`` (also kept as ``.errors``)."""
-    error = InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
-    error.errors = errors  # type: ignore[attr-defined]
-    return error
+    return InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors), errors)

@@ -65,7 +65,7 @@ def fanned_out(detector: int = 4, **overrides: Any) -> dict[str, str]:
 def errors_of(raw: Any) -> list[dict[str, str]]:
     with pytest.raises(InvalidVisit) as info:
         parse_next_visit(raw)
-    errors = info.value.errors  # type: ignore[attr-defined]
+    errors = info.value.errors
     assert errors, "an invalid visit names at least one field"
     assert str(info.value)
     return errors

@@ -66,14 +66,6 @@ def http_error(exc: BaseException) -> tuple[int, str]:
     return ERROR_TABLE[Exception]
 
 
-def _field_and_reason(text: str) -> dict[str, str]:
-    """``{"field", "reason"}`` of a message written ``field: reason`` (else the body's fault)."""
-    head, sep, tail = text.partition(": ")
-    if sep and head and " " not in head:
-        return {"field": head, "reason": tail}
-    return {"field": "body", "reason": text}
-
-
 def error_body(exc: BaseException) -> dict[str, Any]:
     """JSON body of an error answer: ``{"code", "detail", "errors": [{"field", "reason"}]}``.
 
@@ -82,7 +74,9 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     _, code = http_error(exc)
     if not isinstance(exc, PromptTasksError):
         return {"code": code, "detail": "internal error", "errors": []}
-    errors = list(getattr(exc, "errors", None) or [])
-    if not errors and isinstance(exc, InvalidVisit | InvalidEvent):
-        errors = [_field_and_reason(part) for part in str(exc).split("; ")]
+    errors: list[dict[str, str]] = []
+    if isinstance(exc, InvalidVisit):
+        errors = list(exc.errors)
+    elif isinstance(exc, InvalidEvent):
+        errors = [{"field": "body", "reason": str(exc)}]
     return {"code": code, "detail": str(exc), "errors": errors}

@@ -148,9 +148,7 @@ def _check_ids(instrument: str, group: str) -> None:
     if not group or len(group) > 128 or any(ch.isspace() or not ch.isprintable() for ch in group):
         errors.append({"field": "group", "reason": "not a group id"})
     if errors:
-        error = InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
-        error.errors = errors  # type: ignore[attr-defined]
-        raise error
+        raise InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors), errors)
 
 
 def _token_check(settings: Settings) -> Callable[..., None]:
@@ -191,9 +189,7 @@ def _add_error_handlers(api: FastAPI) -> None:
              or "body", "reason": str(e.get("msg", "invalid"))}
             for e in exc.errors()
         ]
-        error = InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
-        error.errors = errors  # type: ignore[attr-defined]
-        return _error_response(error)
+        return _error_response(InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors), errors))
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
