@@ -189,6 +189,7 @@ def announce(
         Unknown instrument (with no detectors given), or an empty detector list.
     """
     from celery import chain, chord
+    from celery.result import denied_join_result
 
     ctx = settings_or_ctx if isinstance(settings_or_ctx, Context) else Context(settings_or_ctx)
     own_ctx = ctx is not settings_or_ctx
@@ -206,8 +207,11 @@ def announce(
         plan = plan_chord(visit, chosen)
         try:
             header = [chain(*[_signature(app, task) for task in planned]) for planned in plan.chains]
-            result = chord(header, _signature(app, plan.callback)).apply_async()
-            _signature(app, deadline_task).apply_async(countdown=countdown)
+            # One producer for every message; and no result subscriptions: the router never
+            # waits for these results (a Redis backend would otherwise SUBSCRIBE per task).
+            with app.producer_or_acquire() as producer, denied_join_result():
+                result = chord(header, _signature(app, plan.callback)).apply_async(producer=producer)
+                _signature(app, deadline_task).apply_async(countdown=countdown, producer=producer)
         except Exception:
             ledger.delete_visit(ctx.redis, visit.instrument, visit.groupId)
             raise
