@@ -83,7 +83,7 @@ def test_raw_header_is_lsst_like(config: SimConfig) -> None:
         assert key in header, key
     assert header["IMGTYPE"] == "OBJECT" and header["TIMESYS"] == "TAI"
     assert header["GROUPID"] == visit.group and header["CURINDEX"] == 2 and header["MAXINDEX"] == 2
-    assert header["DATE-BEG"].startswith("2026-11-24T02:00:17")
+    assert header["DATE-BEG"].startswith("2026-11-24T02:00:16")
     assert header["BITPIX"] == 32
 
 

@@ -79,4 +79,75 @@ def central_init(settings: Settings, instrument: str, detectors: int | None, siz
         console.print(f"[green]built: {sum(s.created for s in steps)} items[/green]")
 
 
-COMMANDS: list[click.Command] = [central]
+@click.command()
+@click.option("--visits", type=click.IntRange(1), default=5, show_default=True, help="Visits to take.")
+@click.option("--detectors", type=click.IntRange(1, 189), default=None,
+              help="Detectors read out [default: all of the central repo's camera].")
+@click.option("--snaps", type=click.IntRange(1, 10), default=2, show_default=True, help="Snaps per visit.")
+@click.option("--cadence", type=float, default=32.0, show_default=True, help="Seconds between visit starts.")
+@click.option("--lead", type=float, default=20.0, show_default=True,
+              help="Seconds between next_visit and the first shutter opening.")
+@click.option("--exptime", type=float, default=15.0, show_default=True, help="Exposure time of a snap (s).")
+@click.option("--bands", default=None, help="Bands to cycle through, e.g. 'gri' [default: the repo's].")
+@click.option("--start-in", type=float, default=1.0, show_default=True,
+              help="Seconds from now to the first next_visit.")
+@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
+              help="Seconds to wait after the last raw for the visits' summaries.")
+@pass_settings
+def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int, cadence: float, lead: float,
+             exptime: float, bands: str | None, start_in: float, wait_s: float) -> None:
+    """Drive a running stack as the summit would: next_visit, then raws on schedule."""
+    from lsst.daf.butler import Butler
+    from rich.progress import Progress
+
+    from prompt_tasks.central import read_camera
+    from prompt_tasks.instruments.simcam.config import SimConfig
+    from prompt_tasks.instruments.simcam.night import plan_night, run_night, tai_now
+
+    console = _console()
+    try:
+        camera = read_camera(Butler.from_config(settings.central_repo_uri))
+    except Exception as exc:  # no repository at all
+        camera = None
+        console.print(f"[red]cannot read the central repository: {exc}[/red]")
+    if camera is None:
+        console.print("[red]no SimCam camera in the central repository: run `prompt-tasks central init`[/red]")
+        sys.exit(1)
+    config = SimConfig.model_validate(camera)
+    n = detectors or config.n_detectors
+    if n > config.n_detectors:
+        console.print(f"[red]the central repository's camera has {config.n_detectors} detectors, not {n}[/red]")
+        sys.exit(1)
+    try:
+        plan = plan_night(config, visits, tai_now() + start_in + lead, cadence=cadence, lead=lead, snaps=snaps,
+                          exptime=exptime, bands=tuple(bands) if bands else None)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(1)
+    console.print(f"{visits} visits x {n} detectors x {snaps} snaps, cadence {cadence} s, lead {lead} s, "
+                  f"first group {plan[0].spec.group}")
+    with Progress(console=console) as progress:
+        report = run_night(settings, config, plan, list(range(n)), progress=progress, wait_s=wait_s,
+                           log=console.print)
+    table = Table(title="visits")
+    for column in ("#", "group", "filter", "ra", "dec", "ok", "failed", "other", "after end (s)", "transients"):
+        table.add_column(column)
+    for p in plan:
+        record = report.ledger.get(p.index) or {}
+        summary = record.get("summary") or {}
+        counts = summary.get("counts") or record.get("counts") or {}
+        ok, failed = counts.get("ok", 0), counts.get("failed", 0)
+        other = sum(v for k, v in counts.items() if k not in ("ok", "failed"))
+        after = summary.get("after_expected_end_s")
+        state = "" if p.index in report.announced else " (rejected)"
+        table.add_row(str(p.index), p.spec.group + state, p.spec.physical_filter, f"{p.spec.ra:.4f}",
+                      f"{p.spec.dec:.4f}", str(ok), str(failed), str(other),
+                      "-" if after is None else f"{after:.1f}", str(report.truth.get(p.index, 0)))
+    console.print(table)
+    console.print(f"{report.put} raws PUT ({report.late_puts} snaps late), {len(report.announced)} visits "
+                  f"announced, {len(report.rejected)} rejected")
+    if report.rejected:
+        sys.exit(1)
+
+
+COMMANDS: list[click.Command] = [central, simulate]

@@ -36,7 +36,7 @@ __all__ = [
 #: Snaps per visit the id scheme allows.
 MAX_SNAPS = 10
 #: Seconds between one snap's shutter close and the next one's open (readout).
-READOUT_S = 2.0
+READOUT_S = 1.0
 #: Offset of the day_obs rollover from TAI midnight.
 _ROLLOVER = timedelta(hours=12)
 

@@ -1,0 +1,242 @@
+"""A night at the summit: announce visits, then deliver their raws as the camera would.
+
+:func:`plan_night` is pure: from a start time, a cadence and the world it lays out every
+visit (time, pointing, filter, camera angle, seeing, group id) and when each event happens,
+``lead`` seconds of warning before a visit's first shutter opening and each snap's raws one
+readout after its shutter closes. The survey pattern is a sunflower of pointings over the
+survey area with the filter changing every few visits.
+
+:func:`run_night` plays a plan against a running stack: ``next_visit`` POSTed to the intake,
+raws simulated ahead of time in threads and PUT into the raw bucket on schedule, progress shown
+with rich, then a per-visit table from the ledger.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from prompt_tasks.instruments.simcam.config import SimConfig
+from prompt_tasks.instruments.simcam.geometry import physical_filter
+from prompt_tasks.instruments.simcam.visits import READOUT_S, VisitSpec
+
+__all__ = [
+    "Event",
+    "NightReport",
+    "PlannedVisit",
+    "TAI_MINUS_UTC",
+    "events_of",
+    "next_visit_body",
+    "plan_night",
+    "raw_key",
+    "run_night",
+    "tai_now",
+]
+
+#: TAI − UTC (s), constant since 2017-01-01 (no leap second announced since).
+TAI_MINUS_UTC = 37.0
+#: Visits between filter changes.
+FILTER_BLOCK = 3
+_GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
+
+
+def tai_now() -> float:
+    """The current time as TAI unix seconds."""
+    return time.time() + TAI_MINUS_UTC
+
+
+@dataclass(frozen=True)
+class PlannedVisit:
+    """One visit of the plan and when it is announced."""
+
+    index: int
+    spec: VisitSpec
+    #: TAI unix seconds at which ``next_visit`` is published.
+    announce_at: float
+
+    def snap_ready_at(self, snap: int) -> float:
+        """TAI unix seconds at which ``snap``'s raws land in the bucket (after readout)."""
+        return self.spec.snap_end(snap) + READOUT_S
+
+
+@dataclass(frozen=True, order=True)
+class Event:
+    """Something the summit does at ``at`` (TAI unix s): announce a visit or deliver a snap."""
+
+    at: float
+    kind: str
+    visit: int
+    snap: int = -1
+
+
+def plan_night(config: SimConfig, n_visits: int, start: float, *, cadence: float = 32.0, lead: float = 20.0,
+               snaps: int = 2, exptime: float = 15.0, bands: Sequence[str] | None = None,
+               survey: str = "SIMSURVEY") -> list[PlannedVisit]:
+    """The visits of a night starting at ``start`` (TAI unix s of the first shutter opening).
+
+    Raises
+    ------
+    ValueError
+        The cadence is shorter than a visit (or than 10 s, the id scheme's resolution), or
+        the lead is negative.
+    """
+    duration = snaps * (exptime + READOUT_S)
+    if cadence < max(duration, 10.0):
+        raise ValueError(f"cadence {cadence} s is shorter than a visit ({duration} s) or 10 s")
+    if lead < 0:
+        raise ValueError("lead must be >= 0")
+    bands = tuple(bands or config.bands)
+    rng = np.random.default_rng([config.seed, 5_000_000, int(start)])
+    plan = []
+    for k in range(n_visits):
+        radius = config.field_radius * math.sqrt((k + 0.5) / max(n_visits, 1))
+        theta = k * _GOLDEN_ANGLE
+        dec = config.field_dec + radius * math.sin(theta)
+        ra = config.field_ra + radius * math.cos(theta) / math.cos(math.radians(dec))
+        begin = round(start + k * cadence, 3)
+        spec = VisitSpec(
+            start=begin, ra=ra, dec=dec, camera_angle=float(rng.uniform(0.0, 360.0)),
+            physical_filter=physical_filter(bands[(k // FILTER_BLOCK) % len(bands)]), snaps=snaps,
+            exptime=exptime, seeing=float(rng.uniform(0.6, 1.2)), survey=survey,
+        )
+        plan.append(PlannedVisit(k, spec, begin - lead))
+    return plan
+
+
+def events_of(plan: Sequence[PlannedVisit]) -> list[Event]:
+    """Every announce and snap delivery of ``plan``, in time order."""
+    events = [Event(p.announce_at, "announce", p.index) for p in plan]
+    events += [Event(p.snap_ready_at(s), "snap", p.index, s) for p in plan for s in range(p.spec.snaps)]
+    return sorted(events)
+
+
+def next_visit_body(visit: PlannedVisit, instrument: str = "SimCam", sal_index: int = 2) -> dict[str, Any]:
+    """The ``next_visit`` event of ``visit``, in the summit's JSON form."""
+    spec = visit.spec
+    return {
+        "salIndex": sal_index,
+        "scriptSalIndex": 100000 + visit.index,
+        "groupId": spec.group,
+        "coordinateSystem": 2,
+        "position": [spec.ra, spec.dec],
+        "startTime": spec.start,
+        "rotationSystem": 2,
+        "cameraAngle": spec.camera_angle,
+        "filters": spec.physical_filter,
+        "dome": 2,
+        "duration": spec.duration,
+        "nimages": spec.snaps,
+        "instrument": instrument,
+        "survey": spec.survey,
+        "totalCheckpoints": 0,
+        "private_sndStamp": visit.announce_at,
+    }
+
+
+def raw_key(config: SimConfig, spec: VisitSpec, detector: int, snap: int, instrument: str = "SimCam") -> str:
+    """The object key of a raw (the instrument's key scheme, ``<obs_id>_<Rxx_Syy>.fits``)."""
+    from prompt_tasks.keys import format_key
+
+    seq_num = spec.exposure(snap) % 100000
+    obs_id = f"SC_O_{spec.day_obs}_{seq_num:06d}"
+    filename = f"{obs_id}_{config.focal_plane[detector].name}.fits"
+    return format_key(instrument, detector, spec.group, snap, filename, day_obs=spec.day_obs, obs_id=obs_id)
+
+
+# --- playing a plan ------------------------------------------------------------------------
+
+@dataclass
+class NightReport:
+    """What :func:`run_night` did."""
+
+    announced: dict[int, str]
+    rejected: dict[int, str]
+    put: int
+    late_puts: int
+    ledger: dict[int, dict[str, Any] | None]
+    truth: dict[int, int]
+
+
+def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], detectors: Sequence[int], *,
+              progress: Any = None, wait_s: float = 120.0, log: Callable[[str], None] = print,
+              threads: int = 4) -> NightReport:
+    """Play ``plan`` against the stack of ``settings``; return what happened.
+
+    ``progress`` is a rich ``Progress`` (or None). After the last PUT, waits up to ``wait_s``
+    for every visit's summary in the ledger.
+    """
+    from prompt_tasks.instruments.simcam.raws import simulate_visit
+    from prompt_tasks.instruments.simcam.sky import Sky
+    from prompt_tasks.intake.client import IntakeClient
+    from prompt_tasks.objstore import make_client
+
+    sky = Sky(config)
+    s3 = make_client(settings)
+    by_index = {p.index: p for p in plan}
+    events = events_of(plan)
+    raws: dict[int, Future[dict[tuple[int, int], bytes]]] = {}
+    report = NightReport({}, {}, 0, 0, {}, {})
+    n_snaps = sum(p.spec.snaps for p in plan)
+    bar_visits = progress.add_task("visits announced", total=len(plan)) if progress else None
+    bar_raws = progress.add_task("raws delivered", total=n_snaps * len(detectors)) if progress else None
+
+    def put(key: str, data: bytes) -> None:
+        s3.put_object(settings.raw_bucket, key, io.BytesIO(data), len(data), content_type="application/fits")
+
+    with IntakeClient.from_settings(settings) as intake, ThreadPoolExecutor(threads) as pool:
+        for event in events:
+            visit = by_index[event.visit]
+            if event.kind == "announce":
+                raws[event.visit] = pool.submit(simulate_visit, config, visit.spec, detectors, None, sky)
+            delay = event.at - tai_now()
+            if delay > 0:
+                time.sleep(delay)
+            if event.kind == "announce":
+                outcome = intake.next_visit(_json(next_visit_body(visit)))
+                if outcome.accepted:
+                    report.announced[event.visit] = visit.spec.group
+                else:
+                    report.rejected[event.visit] = outcome.describe()
+                    log(f"next_visit {visit.spec.group} {outcome.describe()}")
+                if progress:
+                    progress.advance(bar_visits)
+                continue
+            images = raws[event.visit].result()
+            if tai_now() - event.at > 1.0:
+                report.late_puts += 1
+            futures = [pool.submit(put, raw_key(config, visit.spec, det, event.snap), images[(det, event.snap)])
+                       for det in detectors]
+            for future in futures:
+                future.result()
+            report.put += len(futures)
+            if progress:
+                progress.advance(bar_raws, len(futures))
+            if event.snap == visit.spec.snaps - 1:
+                raws.pop(event.visit, None)
+        for p in plan:
+            report.truth[p.index] = sum(len(sky.truth(p.spec, det)) for det in detectors)
+        end = time.monotonic() + wait_s
+        pending = set(report.announced)
+        while True:
+            for index in sorted(pending):
+                outcome = intake.visit("SimCam", by_index[index].spec.group)
+                report.ledger[index] = outcome.body if outcome.accepted else None
+                if outcome.accepted and outcome.body.get("summary"):
+                    pending.discard(index)
+            if not pending or time.monotonic() > end:
+                break
+            time.sleep(1.0)
+    return report
+
+
+def _json(body: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(body)
