@@ -23,6 +23,7 @@ from scipy import ndimage
 from prompt_tasks.science.imaging import (
     GAUSSIAN_FWHM,
     background_model,
+    card,
     detect_peaks,
     measure_psf_sigma,
     peaks_table,
@@ -238,24 +239,24 @@ class CalibrateTask(pipe_base.PipelineTask):
         image = interpolate_bad(total - background, bad)
         header = snaps[0].meta.copy()
         exptime = float(sum(float(s.meta.get("EXPTIME", 0.0)) for s in snaps))
-        header["EXPTIME"] = (exptime, "total exposure time of the summed snaps (s)")
-        header["NSNAPS"] = (len(snaps), "snaps summed into this visit image")
+        header["EXPTIME"] = card(exptime, "total exposure time of the summed snaps (s)")
+        header["NSNAPS"] = card(len(snaps), "snaps summed into this visit image")
         if "DATE-END" in snaps[-1].meta:
             header["DATE-END"] = snaps[-1].meta["DATE-END"]
         wcs = wcs_of(header)
         psf_sigma, stars = self._measure_stars(image, bad)
         _, noise = robust_stats(image[~bad][::7])
-        header["BGMEAN"] = (float(np.mean(background)), "mean subtracted sky (e-)")
-        header["BGNOISE"] = (
+        header["BGMEAN"] = card(float(np.mean(background)), "mean subtracted sky (e-)")
+        header["BGNOISE"] = card(
             noise,
             "robust pixel noise after background subtraction (e-)",
         )
-        header["PSFSIG"] = (psf_sigma, "PSF Gaussian sigma (pixels)")
-        header["PSFFWHM"] = (
+        header["PSFSIG"] = card(psf_sigma, "PSF Gaussian sigma (pixels)")
+        header["PSFFWHM"] = card(
             psf_sigma * GAUSSIAN_FWHM * _pixel_scale(wcs),
             "PSF FWHM (arcsec)",
         )
-        header["NSTARS"] = (len(stars), "stars detected for calibration")
+        header["NSTARS"] = card(len(stars), "stars detected for calibration")
         stars_table = peaks_table(stars, wcs)
         self._calibrate_against(stars_table, _merge(refcat), band, header, exptime)
         self.log.info(
@@ -341,25 +342,25 @@ class CalibrateTask(pipe_base.PipelineTask):
                 if ok.any():
                     zps = np.asarray(refcat[column][r])[ok] + 2.5 * np.log10(flux[ok])
                     zero_point = float(np.median(zps))
-        header["ASTNMAT"] = (n_match, "stars matched to the reference catalogue")
-        header["ASTOFFRA"] = (
+        header["ASTNMAT"] = card(n_match, "stars matched to the reference catalogue")
+        header["ASTOFFRA"] = card(
             _finite(check.offset_ra),
             "median RA offset from refcat (arcsec)",
         )
-        header["ASTOFFDE"] = (
+        header["ASTOFFDE"] = card(
             _finite(check.offset_dec),
             "median Dec offset from refcat (arcsec)",
         )
-        header["ASTRMS"] = (
+        header["ASTRMS"] = card(
             _finite(check.scatter),
             "per-axis astrometric scatter (arcsec)",
         )
-        header["MAGZERO"] = (
+        header["MAGZERO"] = card(
             _finite(zero_point),
             "mag of 1 e- in this image (summed snaps)",
         )
         per_second = zero_point - 2.5 * math.log10(exptime) if exptime > 0 else math.nan
-        header["MAGZERO1"] = (_finite(per_second), "mag of 1 e-/s")
+        header["MAGZERO1"] = card(_finite(per_second), "mag of 1 e-/s")
 
 
 def _finite(value: float) -> float:

@@ -58,6 +58,10 @@ class DetectDiaSourcesConfig(
     edge = pex_config.Field[int](
         doc="Ignore peaks this close to the image edge (pixels).", default=8
     )
+    use_variance = pex_config.Field[bool](
+        doc="Weight the noise by the variance plane (photon noise of bright stars).",
+        default=True,
+    )
     detect_negative = pex_config.Field[bool](
         doc="Also detect negative sources.", default=True
     )
@@ -86,13 +90,20 @@ def detect_dia_sources(
     edge: int = 8,
     negative: bool = True,
     dipole_radius: float = 4.0,
+    variance: np.ndarray | None = None,
 ) -> Table:
     """DIA sources of a difference image (pixel and flux columns; no sky coordinates)."""
     tables = []
     signs = [False, True] if negative else [False]
     for is_negative in signs:
         peaks = detect_peaks(
-            difference, psf_sigma, threshold, mask=mask, negative=is_negative, edge=edge
+            difference,
+            psf_sigma,
+            threshold,
+            mask=mask,
+            negative=is_negative,
+            edge=edge,
+            variance=variance,
         )
         table = peaks_table(peaks, None)
         table["isNegative"] = np.full(len(table), is_negative)
@@ -131,6 +142,9 @@ class DetectDiaSourcesTask(pipe_base.PipelineTask):
         mask = (
             None if difference.mask is None else np.asarray(difference.mask, dtype=bool)
         )
+        variance = None
+        if self.config.use_variance and difference.uncertainty is not None:
+            variance = np.asarray(difference.uncertainty.array, dtype=np.float64) ** 2
         sources = detect_dia_sources(
             np.asarray(difference.data, dtype=np.float64),
             psf_sigma,
@@ -139,6 +153,7 @@ class DetectDiaSourcesTask(pipe_base.PipelineTask):
             edge=self.config.edge,
             negative=self.config.detect_negative,
             dipole_radius=self.config.dipole_radius,
+            variance=variance,
         )
         wcs = wcs_of(difference.meta)
         if wcs is not None and len(sources):

@@ -21,6 +21,7 @@ __all__ = [
     "GAUSSIAN_FWHM",
     "Peaks",
     "background_model",
+    "card",
     "detect_peaks",
     "gaussian_image",
     "measure_psf_sigma",
@@ -46,6 +47,19 @@ def robust_stats(values: np.ndarray) -> tuple[float, float]:
 def robust_sigma(values: np.ndarray) -> float:
     """MAD-based standard deviation of the finite ``values``."""
     return robust_stats(values)[1]
+
+
+def card(
+    value: float | str | bool, comment: str
+) -> tuple[float | int | str | bool, str]:
+    """A FITS header (value, comment) pair that fits one 80-character card.
+
+    Floats are rounded to 7 significant digits and comments cut to 44 characters, so that
+    astropy never has to truncate (and warn).
+    """
+    if isinstance(value, float) and math.isfinite(value):
+        value = float(f"{value:.7g}")
+    return value, comment[:44]
 
 
 def wcs_of(header: fits.Header | dict) -> WCS | None:
@@ -160,14 +174,18 @@ def detect_peaks(
     mask: np.ndarray | None = None,
     negative: bool = False,
     edge: int = 4,
+    variance: np.ndarray | None = None,
 ) -> Peaks:
     """Find point sources by matched filtering with the PSF.
 
     ``image`` must be background-subtracted. It is convolved with a Gaussian of the PSF's
-    width; local maxima above ``threshold`` times the robust sigma of the filtered image are
-    sources. The noise is measured on the filtered image itself, so correlated noise
-    (resampling, convolution) is accounted for. PSF fluxes follow from the filtered peak
-    value (exact for a Gaussian PSF). ``negative`` finds sources of negative flux.
+    width; local maxima whose filtered value exceeds ``threshold`` times its noise are
+    sources. The noise is the robust sigma of the filtered image, measured on the image
+    itself so correlated noise (resampling, convolution) is accounted for; with a per-pixel
+    ``variance`` it is modulated by the variance under the filter (the photon noise of
+    bright stars), scaled so that it agrees with the measured noise on typical pixels. PSF
+    fluxes follow from the filtered peak value (exact for a Gaussian PSF). ``negative`` finds
+    sources of negative flux.
     """
     data = np.where(np.isfinite(image), image, 0.0).astype(np.float64)
     if negative:
@@ -184,39 +202,66 @@ def detect_peaks(
     valid = ~near_bad
     valid[:edge, :] = valid[-edge:, :] = False
     valid[:, :edge] = valid[:, -edge:] = False
-    _, sigma = robust_stats(filtered[valid][:: max(1, int(valid.sum()) // 200_000)])
+    stride = max(1, int(valid.sum()) // 200_000)
+    _, sigma = robust_stats(filtered[valid][::stride])
     if sigma <= 0:
         empty = np.zeros(0)
         return Peaks(empty, empty, empty, empty, empty, float(sigma))
+    noise: np.ndarray | float = sigma
+    if variance is not None:
+        # Var(sum G_k I_k) = sum G_k^2 V_k, and G_sigma^2 = G_(sigma/sqrt2) / (4 pi sigma^2).
+        var = np.where(np.isfinite(variance) & ~bad, variance, 0.0).astype(np.float64)
+        model = np.sqrt(
+            np.clip(
+                ndimage.gaussian_filter(var, psf_sigma / math.sqrt(2), mode="constant"),
+                0,
+                None,
+            )
+            / (4 * math.pi * psf_sigma**2)
+        )
+        typical = float(np.median(model[valid][::stride])) if valid.any() else 0.0
+        if typical > 0:
+            noise = np.maximum(model * (sigma / typical), sigma)
     size = max(3, 2 * round(1.5 * psf_sigma) + 1)
     is_peak = (filtered == ndimage.maximum_filter(filtered, size=size)) & valid
-    is_peak &= filtered > threshold * sigma
+    snr_map = filtered / noise
+    is_peak &= snr_map > threshold
     py, px = np.nonzero(is_peak)
-    # Sub-pixel centroid: first moments of the filtered image in a 3x3 box.
-    x, y = px.astype(np.float64), py.astype(np.float64)
-    if len(px):
-        offsets = np.arange(-1, 2)
-        box = np.stack(
-            [
-                filtered[
-                    np.clip(py + dy, 0, data.shape[0] - 1),
-                    np.clip(px + dx, 0, data.shape[1] - 1),
-                ]
-                for dy in offsets
-                for dx in offsets
-            ]
-        ).reshape(3, 3, -1)
-        weights = np.clip(box, 0, None)
-        total = weights.sum(axis=(0, 1))
-        total[total == 0] = 1.0
-        x = x + (weights.sum(axis=0) * offsets[:, None]).sum(axis=0) / total
-        y = y + (weights.sum(axis=1) * offsets[:, None]).sum(axis=0) / total
+    x = px + _gaussian_offset(filtered, py, px, axis=1)
+    y = py + _gaussian_offset(filtered, py, px, axis=0)
     peak = filtered[py, px]
     flux = peak * 4 * math.pi * psf_sigma**2
-    snr = peak / sigma
+    snr = snr_map[py, px]
     flux_err = flux / np.where(snr == 0, 1, snr)
     sign = -1.0 if negative else 1.0
     return Peaks(x, y, sign * flux, np.abs(flux_err), snr, float(sigma))
+
+
+def _gaussian_offset(
+    image: np.ndarray, py: np.ndarray, px: np.ndarray, axis: int
+) -> np.ndarray:
+    """Sub-pixel offset of peaks along ``axis`` from a Gaussian through three samples.
+
+    The logarithm of a Gaussian is a parabola, so the vertex of the parabola through the log
+    of the peak pixel and its two neighbours is the exact centre of a Gaussian profile (and
+    unbiased towards the pixel centre, unlike first moments in a small box).
+    """
+    if len(px) == 0:
+        return np.zeros(0)
+    ny, nx = image.shape
+    if axis == 1:
+        before = image[py, np.clip(px - 1, 0, nx - 1)]
+        after = image[py, np.clip(px + 1, 0, nx - 1)]
+    else:
+        before = image[np.clip(py - 1, 0, ny - 1), px]
+        after = image[np.clip(py + 1, 0, ny - 1), px]
+    centre = image[py, px]
+    tiny = 1e-12 * np.maximum(np.abs(centre), 1e-30)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lb, lc, la = (np.log(np.maximum(v, tiny)) for v in (before, centre, after))
+        curvature = lb - 2 * lc + la
+        offset = np.where(curvature < 0, 0.5 * (lb - la) / curvature, 0.0)
+    return np.clip(np.nan_to_num(offset), -0.5, 0.5)
 
 
 def measure_psf_sigma(

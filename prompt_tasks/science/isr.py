@@ -17,6 +17,8 @@ import numpy as np
 from astropy.nddata import CCDData, StdDevUncertainty
 from scipy import ndimage
 
+from prompt_tasks.science.imaging import card
+
 __all__ = [
     "IsrConfig",
     "IsrConnections",
@@ -173,9 +175,11 @@ class IsrTask(pipe_base.PipelineTask):
             )
         header = raw.meta.copy()
         header["BUNIT"] = "electron"
-        header["ISR_GAIN"] = (gain, "gain applied (e-/ADU)")
-        header["ISR_NSAT"] = (int(bad.sum()), "saturated, hot or unflattenable pixels")
-        header["ISR_NCR"] = (int(cosmic.sum()), "pixels flagged as cosmic rays")
+        header["ISR_GAIN"] = card(gain, "gain applied (e-/ADU)")
+        header["ISR_NSAT"] = card(
+            int(bad.sum()), "saturated, hot or unflattenable pixels"
+        )
+        header["ISR_NCR"] = card(int(cosmic.sum()), "pixels flagged as cosmic rays")
         self.log.info(
             "ISR: median %.1f e-, %d saturated/bad and %d cosmic-ray pixels",
             float(np.median(electrons)),

@@ -86,6 +86,8 @@ class RunSummary:
     failures: list[tuple[str, str, str, str]] = field(default_factory=list)
     #: Quanta per task label in the graph.
     tasks: dict[str, int] = field(default_factory=dict)
+    #: Tasks of the pipeline without any quantum (a missing template prunes ApPipe's tail).
+    missing_tasks: list[str] = field(default_factory=list)
     graph_seconds: float = 0.0
     execute_seconds: float = 0.0
 
@@ -104,6 +106,7 @@ class RunSummary:
             "skipped": self.skipped,
             "failures": [list(f) for f in self.failures],
             "tasks": dict(self.tasks),
+            "missing_tasks": list(self.missing_tasks),
             "graph_seconds": round(self.graph_seconds, 3),
             "execute_seconds": round(self.execute_seconds, 3),
             "ok": self.ok,
@@ -120,6 +123,7 @@ def run_pipeline_in_process(
     input_collections: Sequence[str] | None = None,
     skip_existing: bool = True,
     register_dataset_types: bool = True,
+    require_all_tasks: bool = True,
 ) -> RunSummary:
     """Build and execute the quantum graph of ``pipeline_path`` for ``where`` in this process.
 
@@ -143,6 +147,11 @@ def run_pipeline_in_process(
         Skip quanta whose outputs already exist in ``output_run``.
     register_dataset_types : `bool`
         Register the pipeline's dataset types in the repository if missing.
+    require_all_tasks : `bool`
+        When some task of the pipeline gets no quantum (ApPipe where no template covers the
+        detector: isr and calibrate could run, subtract and what follows cannot), run nothing
+        and report an empty graph (``n_quanta == 0``, ``missing_tasks`` named), so the caller
+        falls back to its next candidate pipeline (``SingleFrame``).
 
     Returns
     -------
@@ -177,10 +186,13 @@ def run_pipeline_in_process(
     graph = executor.make_quantum_graph(pipeline, where=where)
     summary = RunSummary(output_run=output_run, n_quanta=len(graph))
     summary.tasks = {
-        node.label: len(graph.getNodesForTask(node)) for node in graph.iterTaskGraph()
+        label: len(graph.get_task_quanta(label)) for label in pipeline.to_graph().tasks
     }
+    summary.missing_tasks = [label for label, n in summary.tasks.items() if n == 0]
     summary.graph_seconds = time.perf_counter() - start
-    if len(graph) == 0:
+    if require_all_tasks and summary.missing_tasks:
+        summary.n_quanta = 0
+    if summary.n_quanta == 0:
         return summary
     start = time.perf_counter()
     executor.pre_execute_qgraph(

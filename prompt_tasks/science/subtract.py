@@ -22,7 +22,7 @@ from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.wcs import WCS
 from scipy import ndimage
 
-from prompt_tasks.science.imaging import GAUSSIAN_FWHM, robust_stats, wcs_of
+from prompt_tasks.science.imaging import GAUSSIAN_FWHM, card, robust_stats, wcs_of
 
 __all__ = [
     "PsfMatch",
@@ -285,18 +285,28 @@ class SubtractTask(pipe_base.PipelineTask):
             else None
         )
         out_header = header.copy()
-        out_header["PSFSIG"] = (
+        out_header["PSFSIG"] = card(
             match.matched_sigma,
             "PSF sigma of the difference image (pixels)",
         )
-        out_header["PSFMATCH"] = (match.convolved, "image convolved for PSF matching")
-        out_header["KERNSIG"] = (match.kernel_sigma, "matching kernel sigma (pixels)")
-        out_header["TMPLSIG"] = (template_sigma, "template PSF sigma (pixels)")
-        out_header["TMPLSCAL"] = (scale, "fitted template scale (e- per template unit)")
-        out_header["TMPLOFFS"] = (offset, "fitted residual offset (e-)")
-        out_header["TMPLCOV"] = (coverage, "fraction of pixels covered by the template")
+        out_header["PSFMATCH"] = card(
+            match.convolved, "image convolved for PSF matching"
+        )
+        out_header["KERNSIG"] = card(
+            match.kernel_sigma, "matching kernel sigma (pixels)"
+        )
+        out_header["TMPLSIG"] = card(template_sigma, "template PSF sigma (pixels)")
+        out_header["TMPLSCAL"] = card(
+            scale, "fitted template scale (e- per template unit)"
+        )
+        out_header["TMPLOFFS"] = card(offset, "fitted residual offset (e-)")
+        out_header["TMPLCOV"] = card(
+            coverage, "fraction of pixels covered by the template"
+        )
         _, noise = robust_stats(difference[~bad][::5])
-        out_header["DIFNOISE"] = (noise, "robust pixel noise of the difference (e-)")
+        out_header["DIFNOISE"] = card(
+            noise, "robust pixel noise of the difference (e-)"
+        )
         self.log.info(
             "Subtract: %d template patch(es), coverage %.1f%%, %s convolved (kernel %.2f px), scale %.4g",
             len(templates),
