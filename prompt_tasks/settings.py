@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     export_raws: bool = Field(True, description="Also export the raws to the central repo.")
     export_batch: int = Field(50, description="Most detector-visits exported in one central transaction.")
     export_max_age_s: float = Field(5.0, description="Export a partial batch once its oldest request is this old (s).")
+    payload: str = Field(
+        "butler", description="Stage payload: 'butler' (preload, ingest, pipeline) or 'noop' (framework only)."
+    )
 
     # --- visits ---------------------------------------------------------------------------
     ledger_ttl_s: int = Field(7 * 24 * 3600, description="How long visit ledgers are kept in Redis (s).")
