@@ -14,7 +14,7 @@ from celery.signals import setup_logging, worker_process_init, worker_process_sh
 
 from prompt_tasks.settings import Settings
 
-__all__ = ["TASK_MODULES", "app", "celery_config", "create_app", "settings_of"]
+__all__ = ["TASK_MODULES", "app", "broker_transport_options", "celery_config", "create_app", "settings_of"]
 
 #: Modules whose tasks every process of the fleet registers.
 TASK_MODULES: list[str] = ["prompt_tasks.tasks"]
@@ -38,13 +38,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout,
-            # gevent workers ack from many greenlets: the default pool of 10 runs dry.
-            "max_connections": 200,
-            "socket_keepalive": True,
-            "health_check_interval": 10,
-        },
+        "broker_transport_options": broker_transport_options(settings),
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "result_expires": 24 * 3600,
         "task_track_started": True,
@@ -55,6 +49,29 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "beat_schedule": beat_schedule.schedule(settings),
         "include": list(TASK_MODULES),
+    }
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """Transport options of the broker of ``settings`` (Redis or RabbitMQ).
+
+    On Redis a message delivered to a worker that dies (``acks_late``) is only returned to its
+    queue once ``visibility_timeout`` has passed since its delivery, by a sweep every worker
+    runs every ``unacked_restore_interval`` × ``unacked_restore_throttle`` seconds (kombu's
+    default: 100 s); the throttle is set to 1 so ``settings.restore_interval_s`` is the period.
+    The visibility timeout must exceed the longest stage, or a long stage runs twice. RabbitMQ
+    returns a dead consumer's unacknowledged messages at once and needs none of this.
+    """
+    if not settings.broker.startswith(("redis", "rediss", "sentinel")):
+        return {}
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
+        # gevent workers ack from many greenlets: the default pool of 10 runs dry.
+        "max_connections": 200,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
     }
 
 

@@ -61,7 +61,13 @@ class Settings(BaseSettings):
     # --- broker and backend -------------------------------------------------------------
     broker_url: str | None = Field(None, description="Celery broker; default: the embedded Redis, db 0.")
     result_backend: str | None = Field(None, description="Celery result backend; default: embedded Redis, db 1.")
-    visibility_timeout: int = Field(3600, description="Redis visibility timeout (s), above the longest stage.")
+    visibility_timeout: int = Field(
+        3600, description="Redis visibility timeout (s): above the longest stage's time limit (wait: 3060 s)."
+    )
+    restore_interval_s: int = Field(
+        10, description="Seconds between kombu's sweeps returning a dead worker's unacked messages (Redis)."
+    )
+    max_deliveries: int = Field(3, description="Deliveries of one stage task before its detector-visit fails.")
 
     # --- object store -------------------------------------------------------------------
     s3_endpoint: str | None = Field(None, description="S3 endpoint URL; default: the embedded server.")
@@ -95,6 +101,16 @@ class Settings(BaseSettings):
     wait_margin_s: float = Field(120.0, description="wait_for_snap timeout after the visit's expected end (s).")
     quiet_period_s: float = Field(10.0, description="nimages=0: end a wait after this long with no new snap (s).")
     arrival_ttl_s: int = Field(2 * 24 * 3600, description="How long unclaimed arrivals stay indexed (s).")
+
+    # --- operations -----------------------------------------------------------------------
+    catchup_window: str = Field("08:00-18:00", description="Daytime window (UTC, HH:MM-HH:MM) of the catch-up beat job.")
+    catchup_interval_s: float = Field(900.0, description="Period of the catch-up beat job (s).")
+    catchup_batch: int = Field(50, description="Most detector-visits one catch-up run re-enqueues.")
+    catchup_max_attempts: int = Field(3, description="Catch-up attempts of one detector-visit before it is left alone.")
+    housekeeping_interval_s: float = Field(600.0, description="Period of the local-repo housekeeping broadcast (s).")
+    cache_max_age_s: float = Field(7 * 24 * 3600.0, description="Preloaded datasets unused this long are dropped (s).")
+    repo_idle_s: float = Field(3600.0, description="A local repo of a detector not owned here is deleted after this idle time (s).")
+    fleet_metrics_interval_s: float = Field(30.0, description="Period of the queue-depth and worker-liveness job (s).")
 
     # --- derived values ---------------------------------------------------------------------
     def redis_url(self, db: int = 0) -> str:

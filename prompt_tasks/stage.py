@@ -4,12 +4,20 @@
 
 - a stage handed a status that is not ``ok`` passes it on unchanged (the chain short-circuits
   and the visit's summary still sees the detector);
-- :class:`~prompt_tasks.errors.RetryLater` becomes ``self.retry`` with a jittered countdown,
-  at most ``max_retries`` times (per-stage :class:`StagePolicy`); after that, a failed status;
+- :class:`~prompt_tasks.errors.RetryLater`, and any error :mod:`prompt_tasks.retry` deems
+  transient (Redis, broker, S3, registry unreachable), becomes ``self.retry`` with exponential
+  backoff and jitter (:func:`retry_countdown`), at most ``max_retries`` times (per-stage
+  :class:`StagePolicy`); after that, a failed status;
 - any other exception, a soft time limit included, becomes a failed status with the error's
   stable code and reason: nothing raises out of a chain, so the chord always completes;
+- a task delivered more than ``settings.max_deliveries`` times (its worker died under it each
+  time: ``acks_late`` + ``task_reject_on_worker_lost`` redeliver it) fails without running;
 - the ledger gets the start and end of the stage and the detector's status, and the status
-  names the worker that ran it (``data["worker"]``).
+  names the worker that ran it (``data["worker"]``);
+- every log line inside carries the detector-visit (:func:`prompt_tasks.logs.bound`); the
+  stage's duration, outcome, failure code, retries and redeliveries go to the fleet metrics
+  (:mod:`prompt_tasks.metrics`); a ``task-stage`` event (``phase`` start/end) reports
+  progress to Flower and any event consumer.
 
 Task bodies never call ``retry`` themselves. A stage task is declared with
 ``shared_task(bind=True, base=StageTask, stage="<stage>", chained=<bool>, **policy_options(stage))``
@@ -17,13 +25,14 @@ and takes ``visit`` (the next_visit as a JSON dict) and ``detector`` keyword arg
 chained stage gets the previous stage's status as its first positional argument.
 
 Fault injection (tests and operations): a Redis key ``fault:{instrument}:{group}:{detector}:{stage}``
-makes :func:`check_fault` (called by placeholder stage bodies) raise: ``fail`` a permanent
+makes :func:`check_fault` (called by the base task before every stage body) raise: ``fail`` a permanent
 error, ``retry`` a :class:`RetryLater`, ``sleep:<seconds>`` a stall, ``crash`` a plain
 exception. See :func:`fault_key`.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -33,9 +42,10 @@ from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.signals import worker_init
 
-from prompt_tasks import ledger
+from prompt_tasks import ledger, metrics, retry
 from prompt_tasks.context import Context, context_of
 from prompt_tasks.errors import PermanentError, RetryLater
+from prompt_tasks.logs import bound
 from prompt_tasks.status import Outcome, StageStatus
 
 if TYPE_CHECKING:
@@ -50,12 +60,15 @@ __all__ = [
     "fault_key",
     "jittered",
     "policy_options",
+    "retry_countdown",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StagePolicy:
-    """Time limits and retries of one stage."""
+    """Time limits and retries of one stage (the backoff: :data:`prompt_tasks.retry.POLICIES`)."""
 
     soft_time_limit: float
     time_limit: float
@@ -65,7 +78,7 @@ class StagePolicy:
 
 
 #: Stage name → policy. ``wait`` bounds itself (its timeout is the visit's end plus a margin),
-#: so its limits only catch a runaway.
+#: so its limits only catch a runaway. The broker's visibility timeout must exceed the longest.
 POLICIES: dict[str, StagePolicy] = {
     "prepare": StagePolicy(soft_time_limit=300.0, time_limit=330.0, max_retries=3),
     "wait": StagePolicy(soft_time_limit=3000.0, time_limit=3060.0, max_retries=5),
@@ -84,6 +97,14 @@ def jittered(delay: float, policy: StagePolicy, rng: random.Random | None = None
     """``delay`` scaled by a random factor from the policy's jitter range (never negative)."""
     low, high = policy.jitter
     return max(0.0, delay) * (rng or random).uniform(low, high)
+
+
+def retry_countdown(stage: str, retries: int, hint: float | None = None) -> float:
+    """Countdown before retry ``retries + 1`` of ``stage``: exponential backoff, capped, jittered."""
+    policy = POLICIES[stage]
+    backoff = retry.POLICIES.get(stage, retry.RetryPolicy())
+    backoff = retry.RetryPolicy(backoff.base_s, backoff.cap_s, policy.jitter)
+    return retry.backoff(retries, backoff, hint=hint)
 
 
 def failed_status(stage: str, instrument: str, group: str, detector: int, exc: BaseException,
@@ -134,33 +155,120 @@ class StageTask(Task):
             previous = StageStatus.from_dict(args[0])
             if not previous.ok:
                 return previous.to_dict()
+        with bound(instrument=instrument, group=group, detector=detector, stage=self.stage,
+                   visit=f"{instrument}/{group}"):
+            return self._run_stage(args, kwargs, instrument, group, detector).to_dict()
+
+    def _run_stage(self, args: tuple[Any, ...], kwargs: dict[str, Any], instrument: str, group: str,
+                   detector: int) -> StageStatus:
         ctx = context_of(self.app)
         ttl = ctx.settings.ledger_ttl_s
         worker = self._node_name()
-        if not self.request.retries:
-            self._stamp(ctx, instrument, group, detector, f"{self.stage}.start", ttl)
-        try:
-            status = super().__call__(*args, **kwargs)
-            if not isinstance(status, StageStatus):
-                status = StageStatus.from_dict(status)
-        except Retry:
-            raise
-        except RetryLater as exc:
-            policy = POLICIES[self.stage]
-            if self.request.retries < policy.max_retries:
-                raise self.retry(countdown=jittered(exc.delay, policy), max_retries=policy.max_retries) from exc
-            status = failed_status(self.stage, instrument, group, detector, exc)
-            status.reason = f"gave up after {self.request.retries} retries: {status.reason}"
-        except SoftTimeLimitExceeded as exc:
-            status = failed_status(self.stage, instrument, group, detector, exc)
-        except Exception as exc:  # noqa: BLE001 - a stage never raises out of its chain
-            status = failed_status(self.stage, instrument, group, detector, exc)
+        deliveries = self._deliveries(ctx)
+        started = time.time()
+        if deliveries > ctx.settings.max_deliveries:
+            status = StageStatus(self.stage, Outcome.FAILED, instrument, group, detector,
+                                 reason=f"{self.stage}: {retry.redelivered_reason(deliveries)}",
+                                 code=retry.REDELIVERED_CODE)
+            log.error("%s given up: %s", self.stage, status.reason)
+        else:
+            if not self.request.retries:
+                self._stamp(ctx, instrument, group, detector, f"{self.stage}.start", ttl)
+            self._progress("start", instrument, group, detector, worker)
+            status = self._body(ctx, args, kwargs, instrument, group, detector)
         status.data.setdefault("worker", worker)
         try:
             ledger.record_stage_end(ctx.redis, status, ttl, worker=worker)
         except Exception:  # noqa: BLE001 - bookkeeping must not lose the status
             self._log_ledger_failure(status)
-        return status.to_dict()
+        self._measure(ctx, status, time.time() - started)
+        self._progress("end", instrument, group, detector, worker, status)
+        return status
+
+    def _body(self, ctx: Context, args: tuple[Any, ...], kwargs: dict[str, Any], instrument: str,
+              group: str, detector: int) -> StageStatus:
+        """Run the stage body; a status whatever happens (or ``Retry`` raised for a retry)."""
+        try:
+            check_fault(ctx.redis, instrument, group, detector, self.stage)
+            if self.stage == "run":
+                self._measure_snap_to_run(ctx, instrument, group, detector)
+            status = super().__call__(*args, **kwargs)
+            return status if isinstance(status, StageStatus) else StageStatus.from_dict(status)
+        except Retry:
+            raise
+        except SoftTimeLimitExceeded as exc:
+            return failed_status(self.stage, instrument, group, detector, exc)
+        except Exception as exc:  # a stage never raises out of its chain
+            transient = retry.as_retry(exc)
+            if transient is None:
+                return failed_status(self.stage, instrument, group, detector, exc)
+            policy = POLICIES[self.stage]
+            if self.request.retries < policy.max_retries:
+                hint = exc.delay if isinstance(exc, RetryLater) else None
+                countdown = retry_countdown(self.stage, self.request.retries, hint)
+                log.warning("%s: transient error, retry %d in %.2f s: %s", self.stage,
+                            self.request.retries + 1, countdown, transient)
+                self._count(ctx, "retries", stage=self.stage)
+                raise self.retry(countdown=countdown, max_retries=policy.max_retries) from exc
+            status = failed_status(self.stage, instrument, group, detector, exc)
+            status.code = status.code if isinstance(exc, RetryLater) else "transient"
+            status.reason = f"gave up after {self.request.retries} retries: {status.reason}"
+            return status
+
+    def _deliveries(self, ctx: Context) -> int:
+        """Count this delivery of this attempt; 1 when counting is impossible (Redis down)."""
+        task_id = self.request.id
+        if not task_id:
+            return 1
+        try:
+            deliveries = retry.count_delivery(ctx.redis, str(task_id), int(self.request.retries or 0))
+        except Exception:  # never refuse work because bookkeeping failed
+            log.warning("delivery count failed", exc_info=True)
+            return 1
+        if deliveries > 1:
+            log.warning("%s delivered %d times", self.stage, deliveries)
+            self._count(ctx, "redeliveries", stage=self.stage)
+        return deliveries
+
+    def _measure(self, ctx: Context, status: StageStatus, seconds: float) -> None:
+        try:
+            metrics.observe(ctx.redis, "stage", seconds, stage=self.stage)
+            metrics.count(ctx.redis, "outcomes", outcome=status.outcome.value, stage=self.stage)
+            if not status.ok:
+                metrics.count(ctx.redis, "failures", stage=self.stage, code=status.code or "none")
+        except Exception:  # metrics never fail a stage
+            log.debug("metrics write failed", exc_info=True)
+
+    def _measure_snap_to_run(self, ctx: Context, instrument: str, group: str, detector: int) -> None:
+        """Latency from the detector's last snap arrival to the start of its pipeline run."""
+        try:
+            record = ledger.read_visit(ctx.redis, instrument, group)
+            det = record.detectors.get(detector) if record is not None else None
+            if det is not None and det.snaps:
+                metrics.observe(ctx.redis, "snap_to_run", max(0.0, time.time() - max(det.snaps.values())))
+        except Exception:  # metrics never fail a stage
+            log.debug("snap_to_run metric failed", exc_info=True)
+
+    @staticmethod
+    def _count(ctx: Context, name: str, **labels: str) -> None:
+        try:
+            metrics.count(ctx.redis, name, **labels)
+        except Exception:  # metrics never fail a stage
+            log.debug("metrics write failed", exc_info=True)
+
+    def _progress(self, phase: str, instrument: str, group: str, detector: int, worker: str,
+                  status: StageStatus | None = None) -> None:
+        """Send a ``task-stage`` event (Flower shows custom task events; monitors may follow)."""
+        if not self.request.id or self.request.called_directly:
+            return
+        fields: dict[str, Any] = {"phase": phase, "stage": self.stage, "instrument": instrument,
+                                  "group": group, "detector": detector, "worker": worker}
+        if status is not None:
+            fields.update(outcome=status.outcome.value, code=status.code)
+        try:
+            self.send_event("task-stage", retry=False, **fields)
+        except Exception:  # progress events are best effort
+            log.debug("task-stage event not sent", exc_info=True)
 
     def _node_name(self) -> str:
         """The node name (``detector-1@host``) of the worker running this task.

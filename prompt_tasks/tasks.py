@@ -18,8 +18,8 @@ task                            queue                job
 
 ``wait_for_snap`` runs :func:`prompt_tasks.snap.wait_for_snaps`. The bodies of
 ``prepare_repo``, ``ingest`` and ``run_pipeline`` are placeholders here (the Butler issues
-replace them): they do the ledger bookkeeping (through :class:`~prompt_tasks.stage.StageTask`)
-and honour the fault-injection keys of :func:`prompt_tasks.stage.check_fault`.
+replace them); the ledger bookkeeping, retries and the fault-injection keys of
+:func:`prompt_tasks.stage.check_fault` are the base task's (:class:`~prompt_tasks.stage.StageTask`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prompt_tasks import ledger
 from prompt_tasks.context import Context, context_of
-from prompt_tasks.stage import StageTask, check_fault, policy_options
+from prompt_tasks.stage import StageTask, policy_options
 from prompt_tasks.status import Outcome, StageStatus
 
 __all__ = [
@@ -56,9 +56,9 @@ _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
 def placeholder_stage(ctx: Context, stage: str, visit: Mapping[str, Any], detector: int) -> StageStatus:
-    """A stage body that only honours injected faults and succeeds (until the real one lands)."""
+    """A stage body that succeeds (until the real one lands); faults are injected by the base task."""
+    del ctx
     instrument, group = str(visit["instrument"]), str(visit["groupId"])
-    check_fault(ctx.redis, instrument, group, detector, stage)
     return StageStatus(stage, Outcome.OK, instrument, group, int(detector), data={"placeholder": True})
 
 
@@ -103,7 +103,6 @@ def wait_for_snap(self: Task, status: dict[str, Any], visit: dict[str, Any], det
 
     ctx = context_of(self.app)
     instrument, group = str(visit["instrument"]), str(visit["groupId"])
-    check_fault(ctx.redis, instrument, group, detector, "wait")
     expected_end = float(visit.get("startTime") or 0.0) + float(visit.get("duration") or 0.0)
     return wait_for_snaps(ctx, instrument, group, int(detector), int(visit.get("nimages") or 0), expected_end)
 
