@@ -134,3 +134,14 @@ def test_run_night_announces_and_delivers_on_time(settings: Settings, rdb: redis
         record = report.ledger[index]
         assert record is not None and record["group"] == p.spec.group
         assert {"0", "1"} <= set(record["detectors"])
+
+
+def test_fanout_messages_are_the_string_form(config: SimConfig) -> None:
+    from prompt_tasks.instruments.simcam.night import fanout_messages
+
+    (visit,) = plan_night(config, 1, START)
+    messages = fanout_messages(visit, [0, 1])
+    assert [m["detector"] for m in messages] == ["0", "1"]
+    assert all(isinstance(v, str) for m in messages for v in m.values())
+    parsed = parse_next_visit(messages[1])
+    assert parsed.groupId == visit.spec.group and list(parsed.position or []) == [visit.spec.ra, visit.spec.dec]

@@ -91,11 +91,13 @@ def central_init(settings: Settings, instrument: str, detectors: int | None, siz
 @click.option("--bands", default=None, help="Bands to cycle through, e.g. 'gri' [default: the repo's].")
 @click.option("--start-in", type=float, default=1.0, show_default=True,
               help="Seconds from now to the first next_visit.")
+@click.option("--via", type=click.Choice(["http", "stream"]), default="http", show_default=True,
+              help="Announce by POST to the intake, or per detector on the fan-out stream.")
 @click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
               help="Seconds to wait after the last raw for the visits' summaries.")
 @pass_settings
 def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int, cadence: float, lead: float,
-             exptime: float, bands: str | None, start_in: float, wait_s: float) -> None:
+             exptime: float, bands: str | None, start_in: float, via: str, wait_s: float) -> None:
     """Drive a running stack as the summit would: next_visit, then raws on schedule."""
     from lsst.daf.butler import Butler
     from rich.progress import Progress
@@ -124,11 +126,14 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         sys.exit(1)
+    if via == "http" and n != 9:
+        console.print("[yellow]next_visit over HTTP: the stack processes the instrument's default detectors; "
+                      "use --via stream to process exactly these[/yellow]")
     console.print(f"{visits} visits x {n} detectors x {snaps} snaps, cadence {cadence} s, lead {lead} s, "
                   f"first group {plan[0].spec.group}")
     with Progress(console=console) as progress:
         report = run_night(settings, config, plan, list(range(n)), progress=progress, wait_s=wait_s,
-                           log=console.print)
+                           log=console.print, via=via)
     table = Table(title="visits")
     for column in ("#", "group", "filter", "ra", "dec", "ok", "failed", "other", "after end (s)", "transients"):
         table.add_column(column)

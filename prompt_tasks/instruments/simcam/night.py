@@ -14,6 +14,7 @@ with rich, then a per-visit table from the ledger.
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import numpy as np
 
 from prompt_tasks.instruments.simcam.config import SimConfig
@@ -33,6 +35,7 @@ __all__ = [
     "PlannedVisit",
     "TAI_MINUS_UTC",
     "events_of",
+    "fanout_messages",
     "next_visit_body",
     "plan_night",
     "raw_key",
@@ -140,6 +143,18 @@ def next_visit_body(visit: PlannedVisit, instrument: str = "SimCam", sal_index: 
     }
 
 
+def fanout_messages(visit: PlannedVisit, detectors: Sequence[int], instrument: str = "SimCam"
+                    ) -> list[dict[str, str]]:
+    """The per-detector messages Rubin's fan-out service would write for ``visit``.
+
+    Every value is a string, ``position`` is ``"[ra, dec]"``, and each message names its
+    ``detector``: the stack then processes exactly these detectors.
+    """
+    body = next_visit_body(visit, instrument)
+    flat = {k: (json.dumps(v) if isinstance(v, list) else str(v)) for k, v in body.items()}
+    return [{**flat, "detector": str(det)} for det in detectors]
+
+
 def raw_key(config: SimConfig, spec: VisitSpec, detector: int, snap: int, instrument: str = "SimCam") -> str:
     """The object key of a raw (the instrument's key scheme, ``<obs_id>_<Rxx_Syy>.fits``)."""
     from prompt_tasks.keys import format_key
@@ -166,12 +181,16 @@ class NightReport:
 
 def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], detectors: Sequence[int], *,
               progress: Any = None, wait_s: float = 120.0, log: Callable[[str], None] = print,
-              threads: int = 4) -> NightReport:
+              threads: int = 4, via: str = "http") -> NightReport:
     """Play ``plan`` against the stack of ``settings``; return what happened.
 
-    ``progress`` is a rich ``Progress`` (or None). After the last PUT, waits up to ``wait_s``
-    for every visit's summary in the ledger.
+    ``via`` is ``http`` (POST the summit event to the intake; the stack picks the detectors)
+    or ``stream`` (one message per detector on the fan-out stream ``instrument:SimCam``, so
+    exactly ``detectors`` are processed). ``progress`` is a rich ``Progress`` (or None).
+    After the last PUT, waits up to ``wait_s`` for every visit's summary in the ledger.
     """
+    import redis as redis_lib
+
     from prompt_tasks.instruments.simcam.raws import simulate_visit
     from prompt_tasks.instruments.simcam.sky import Sky
     from prompt_tasks.intake.client import IntakeClient
@@ -198,6 +217,19 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
             delay = event.at - tai_now()
             if delay > 0:
                 time.sleep(delay)
+            if event.kind == "announce" and via == "stream":
+                from prompt_tasks.intake.stream import stream_name
+
+                client = redis_lib.Redis.from_url(settings.events_redis, decode_responses=True)
+                try:
+                    for message in fanout_messages(visit, detectors):
+                        client.xadd(stream_name("SimCam"), message)  # type: ignore[arg-type]
+                finally:
+                    client.close()
+                report.announced[event.visit] = visit.spec.group
+                if progress:
+                    progress.advance(bar_visits)
+                continue
             if event.kind == "announce":
                 outcome = intake.next_visit(_json(next_visit_body(visit)))
                 if outcome.accepted:
@@ -226,7 +258,11 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
         pending = set(report.announced)
         while True:
             for index in sorted(pending):
-                outcome = intake.visit("SimCam", by_index[index].spec.group)
+                try:
+                    outcome = intake.visit("SimCam", by_index[index].spec.group)
+                except httpx.HTTPError as exc:
+                    log(f"ledger of {by_index[index].spec.group}: {exc}")
+                    continue
                 report.ledger[index] = outcome.body if outcome.accepted else None
                 if outcome.accepted and outcome.body.get("summary"):
                     pending.discard(index)
@@ -237,6 +273,4 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
 
 
 def _json(body: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(body)
