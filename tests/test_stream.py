@@ -241,6 +241,9 @@ def test_pending_messages_of_a_dead_consumer_are_claimed(
     record = ledger.read_visit(rdb, "SimCam", GROUP)
     assert record is not None and sorted(record.detectors) == [0, 8]
     assert pending(rdb) == 0
+    # Once idle long enough with nothing pending, the dead consumer is forgotten.
+    heir.forget_idle_consumers(STREAM, idle_s=0.0)
+    assert [c["name"] for c in rdb.xinfo_consumers(STREAM, DEFAULT_GROUP)] == ["heir"]
 
 
 def test_failed_announcement_stays_pending_and_is_retried(

@@ -327,7 +327,17 @@ class StreamConsumer:
                     self._take([(stream, messages)])
                 if start == "0-0":
                     break
+            self.forget_idle_consumers(stream)
         return claimed
+
+    def forget_idle_consumers(self, stream: str, idle_s: float = 3600.0) -> None:
+        """Drop consumers of the group with nothing pending that were idle ``idle_s`` (dead
+        intake processes), so the group's consumer list does not grow forever."""
+        for info in self.client.xinfo_consumers(stream, self.group):
+            name = _text(info["name"])
+            if name != self.consumer and not info["pending"] and info["idle"] >= idle_s * 1000:
+                self.client.xgroup_delconsumer(stream, self.group, name)
+                log.info("stream consumer: forgot idle consumer %s of %s", name, stream)
 
     def _take(self, replies: Iterable[tuple[Any, Iterable[tuple[Any, Any]]]]) -> None:
         now = time.monotonic()
