@@ -2,7 +2,7 @@
 
 A :class:`QueueController` runs as a thread of the intake process. About once a second it asks
 every worker which queues it consumes (one ``active_queues`` broadcast, which is also the
-liveness check: a worker that does not answer is gone), computes the assignment of the managed
+liveness check: a worker that misses two rounds in a row is gone), computes the assignment of the managed
 detector queues to the live compute workers (node names starting with ``detector-``, see
 ``workers.detector_hostname``) with :func:`prompt_tasks.affinity.rebalance`, and applies the
 difference with ``cancel_consumer`` / ``add_consumer``. Reconciling against what the workers
@@ -98,6 +98,9 @@ class QueueController:
         Seconds between two observations (an observation itself waits ``reply_timeout``).
     reply_timeout
         How long to wait for workers' control replies (s).
+    miss_limit
+        Observations in a row a known worker must miss before it counts as gone (a loaded
+        worker can answer late once; moving its queues for that would break affinity).
     """
 
     def __init__(
@@ -106,13 +109,16 @@ class QueueController:
         settings: Settings,
         queues: Sequence[str] | None = None,
         instruments: Sequence[str] | None = None,
-        period: float = 0.5,
-        reply_timeout: float = 0.5,
+        period: float = 0.25,
+        reply_timeout: float = 1.0,
+        miss_limit: int = 2,
     ) -> None:
         self.app = app
         self.ctx = Context(settings)
         self.period = period
         self.reply_timeout = reply_timeout
+        self.miss_limit = max(int(miss_limit), 1)
+        self._missed: dict[str, int] = {}
         if queues is None:
             if instruments is None:
                 from prompt_tasks.instruments import known_instruments
@@ -167,7 +173,7 @@ class QueueController:
         with self._lock:
             started = time.time()
             observed = self.observe()
-            workers = sorted(observed)
+            workers = self._live(observed)
             desired = affinity.rebalance(self.queues, workers, self.assignment)
             cancel, add = plan_actions(desired, observed, self.queues)
             changed = desired != self.assignment or workers != self.workers
@@ -193,6 +199,16 @@ class QueueController:
                 len(self.queues), len(workers), event["took_s"], len(event["moved"]), len(add), len(cancel),
             )
             return event
+
+    def _live(self, observed: Mapping[str, Iterable[str]]) -> list[str]:
+        """Workers that answered, and known ones that missed fewer than ``miss_limit`` rounds."""
+        for worker in self.workers:
+            self._missed[worker] = 0 if worker in observed else self._missed.get(worker, 0) + 1
+        for worker in observed:
+            self._missed[worker] = 0
+        live = {w for w, missed in self._missed.items() if missed < self.miss_limit}
+        self._missed = {w: n for w, n in self._missed.items() if w in live}
+        return sorted(live)
 
     def _apply(self, cancel: list[tuple[str, str]], add: list[tuple[str, str]]) -> list[str]:
         control = self.app.control

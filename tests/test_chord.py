@@ -40,10 +40,9 @@ def chord_settings(servers: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def app(chord_settings: Settings) -> Iterator[Celery]:
+    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
     from prompt_tasks.celery import create_app
     from prompt_tasks.context import drop_context
-
-    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
 
     celery_app = create_app(chord_settings)
     celery_app.loader.import_module("celery.contrib.testing.tasks")
@@ -187,3 +186,33 @@ def test_visits_in_flight_complete_independently(app: Celery, worker: object, ch
     assert [s["group"] for s in summaries] == [v.groupId for v in visits]
     assert [s["counts"]["ok"] for s in summaries] == [9, 8, 9]
     assert summaries[1]["detectors"]["0"]["stage"] == "wait"
+
+
+def test_failed_status_and_jitter() -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from prompt_tasks.errors import BadRaw
+    from prompt_tasks.stage import POLICIES, failed_status, jittered
+
+    soft = failed_status("run", "X", "g", 3, SoftTimeLimitExceeded())
+    assert (soft.outcome.value, soft.code, soft.stage, soft.detector) == ("failed", "time_limit", "run", 3)
+    bad = failed_status("ingest", "X", "g", 3, BadRaw("truncated"))
+    assert bad.code == "bad_raw" and bad.reason == "BadRaw: truncated"
+    assert failed_status("run", "X", "g", 3, ValueError("x")).code == "internal"
+    policy = POLICIES["prepare"]
+    for _ in range(100):
+        assert 0.8 * 2.0 <= jittered(2.0, policy) <= 1.4 * 2.0
+    assert jittered(-1.0, policy) == 0.0
+
+
+def test_check_fault_modes(rdb: redis.Redis) -> None:
+    from prompt_tasks.errors import PermanentError, RetryLater
+    from prompt_tasks.stage import check_fault
+
+    group = "fault-modes"
+    check_fault(rdb, INSTRUMENT, group, 1, "run")  # no key: nothing happens
+    for mode, error in (("fail", PermanentError), ("retry", RetryLater), ("crash", RuntimeError)):
+        rdb.set(fault_key(INSTRUMENT, group, 1, "run"), mode, ex=60)
+        with pytest.raises(error):
+            check_fault(rdb, INSTRUMENT, group, 1, "run")
+    rdb.delete(fault_key(INSTRUMENT, group, 1, "run"))

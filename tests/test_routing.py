@@ -28,11 +28,17 @@ from click.testing import CliRunner
 
 from prompt_tasks import ledger
 from prompt_tasks.arrivals import record_arrival
-from prompt_tasks.controller import QueueController, read_assignment, read_events
+from prompt_tasks.controller import (
+    QueueController,
+    plan_actions,
+    read_assignment,
+    read_events,
+)
 from prompt_tasks.keys import SnapKey, format_key
 from prompt_tasks.router import announce, detector_queue
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
+from prompt_tasks.stage import fault_key
 from prompt_tasks.visit import NextVisit
 from workers import ROLES, celery_argv
 
@@ -116,7 +122,7 @@ def fleet(route_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def controller(app: Celery, route_settings: Settings, aux_worker: object, fleet: Fleet) -> Iterator[QueueController]:
-    ctl = QueueController(app, route_settings, queues=QUEUES, period=0.5).start()
+    ctl = QueueController(app, route_settings, queues=QUEUES).start()
     try:
         _wait_until(lambda: _settled(ctl, 3), 120, "three detector workers with their queues")
         yield ctl
@@ -238,3 +244,25 @@ def test_killed_worker_queues_move_and_return(app: Celery, controller: QueueCont
     _log_rebalances(rdb, "after restart")
     assert controller.assignment == original
     _check_on_owners(_run_visit(app, route_settings, rdb), original)
+
+
+def test_plan_actions_touches_only_managed_queues() -> None:
+    desired = {"q1": "w1", "q2": "w2", "q3": "w2"}
+    observed = {"w1": {"q1", "q2", "catchup"}, "w2": {"q3"}, "w3": {"q1"}}
+    cancel, add = plan_actions(desired, observed, ["q1", "q2", "q3"])
+    assert cancel == [("w1", "q2"), ("w3", "q1")]
+    assert add == [("w2", "q2")]
+
+
+def test_soft_time_limit_becomes_a_failed_status(app: Celery, controller: QueueController, rdb: redis.Redis) -> None:
+    """A stage over its soft time limit (prefork worker) returns a status instead of raising."""
+    group = f"2026-11-24T04:00:{next(_groups):02d}.000"
+    rdb.set(fault_key(INSTRUMENT, group, 0, "prepare"), "sleep:10", ex=300)
+    signature = app.signature(
+        "prompt_tasks.prepare_repo",
+        kwargs={"visit": {"instrument": INSTRUMENT, "groupId": group}, "detector": 0},
+        queue=detector_queue(INSTRUMENT, 0),
+    ).set(soft_time_limit=1, time_limit=30)
+    status = signature.apply_async().get(timeout=60)
+    assert status["outcome"] == "failed" and status["code"] == "time_limit"
+    assert status["data"]["worker"] == controller.assignment[detector_queue(INSTRUMENT, 0)]
