@@ -493,3 +493,27 @@ def test_intake_process(settings: Settings, rdb: redis.Redis, tmp_path: Path) ->
     assert code == 0, output[-3000:]
     assert TOKEN not in output
     assert os.environ.get("PROMPT_TASKS_INTAKE_TOKEN") != TOKEN
+
+
+def test_cli_next_visit_from_stdin(settings: Settings, rdb: redis.Redis) -> None:
+    from prompt_tasks.cli import main
+
+    lines = "\n".join(json.dumps(visit_body(f"2026-11-24T06:0{i}:00.000")) for i in range(3))
+    result = CliRunner(env=child_env(settings)).invoke(main, ["next-visit", "--direct", "-"], input=lines)
+    assert result.exit_code == 0, result.output
+    assert [line.split()[2] for line in result.output.splitlines()] == ["new", "new", "new"]
+    assert visits_in_ledger(rdb) == 3
+
+
+def test_cli_without_an_intake_says_so(settings: Settings, tmp_path: Path) -> None:
+    from prompt_tasks.cli import main
+    from prompt_tasks.stack.servers import free_port
+
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(visit_body()))
+    runner = CliRunner(env=child_env(settings))
+    url = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(main, ["next-visit", str(path), "--url", url])
+    assert result.exit_code == 1 and "intake unreachable" in result.output
+    result = runner.invoke(main, ["abort", "SimCam", GROUP, "--url", url])
+    assert result.exit_code == 1 and "intake unreachable" in result.output
