@@ -60,8 +60,6 @@ EXPORT_LOCK = "export:lock"
 EXPORT_SCHEDULED = "export:scheduled"
 #: Hash of counters: batches, requests, datasets written.
 EXPORT_STATS = "export:stats"
-#: Records that tie a visit's exposures and detector together, beyond the datasets' data ids.
-_VISIT_ELEMENTS = ("visit_definition", "visit_system_membership", "visit_detector_region")
 #: Output dataset types never exported by default.
 _BOOKKEEPING_SUFFIXES = ("_metadata", "_log", "_config")
 
@@ -134,14 +132,35 @@ def _wanted(name: str, dataset_types: Sequence[str] | None) -> bool:
 
 
 def _visit_records(local: Butler, request: ExportRequest) -> dict[str, list[Any]]:
-    """The visit's records that datasets' data ids do not carry (definitions, regions)."""
-    out: dict[str, list[Any]] = {}
-    for element in _VISIT_ELEMENTS:
-        data_id: dict[str, Any] = {"instrument": request.instrument, "visit": request.visit}
-        if element == "visit_detector_region":
-            data_id["detector"] = request.detector
-        out[element] = list(local.query_dimension_records(element, data_id=data_id, explain=False))
-    return out
+    """Every record of the visit and its exposures, in insertion order (foreign keys first).
+
+    Datasets' data ids do not carry the visit definitions, the visit system memberships or
+    the detector regions, and an output may name only the visit or only the exposure.
+    """
+    instrument = request.instrument
+    visit_id = {"instrument": instrument, "visit": request.visit}
+    definitions = list(local.query_dimension_records("visit_definition", data_id=visit_id, explain=False))
+    exposures = sorted({d.exposure for d in definitions})
+    exposure_records = list(local.query_dimension_records(
+        "exposure", data_id={"instrument": instrument}, where="exposure IN (exps)",
+        bind={"exps": exposures}, explain=False)) if exposures else []
+    days = sorted({e.day_obs for e in exposure_records})
+    groups = sorted({e.group for e in exposure_records})
+    return {
+        "day_obs": list(local.query_dimension_records(
+            "day_obs", data_id={"instrument": instrument}, where="day_obs IN (days)", bind={"days": days},
+            explain=False)) if days else [],
+        "group": list(local.query_dimension_records(
+            "group", data_id={"instrument": instrument}, where="group IN (groups)", bind={"groups": groups},
+            explain=False)) if groups else [],
+        "exposure": exposure_records,
+        "visit": list(local.query_dimension_records("visit", data_id=visit_id, explain=False)),
+        "visit_definition": definitions,
+        "visit_system_membership": list(local.query_dimension_records(
+            "visit_system_membership", data_id=visit_id, explain=False)),
+        "visit_detector_region": list(local.query_dimension_records(
+            "visit_detector_region", data_id={**visit_id, "detector": request.detector}, explain=False)),
+    }
 
 
 def _refs(local: Butler, ids: Iterable[str]) -> list[DatasetRef]:
@@ -171,14 +190,14 @@ def export_batch(central: Butler, requests: Sequence[ExportRequest],
     written = 0
     with central.transaction():
         for request, local, refs, records in work:
+            for element, element_records in records.items():
+                if element_records:
+                    central.registry.insertDimensionData(element, *element_records, skip_existing=True)
             if refs:
                 written += len(central.transfer_from(
                     local, refs, transfer="copy", skip_missing=True,
                     register_dataset_types=True, transfer_dimensions=True,
                 ))
-            for element, element_records in records.items():
-                if element_records:
-                    central.registry.insertDimensionData(element, *element_records, skip_existing=True)
     return written, unusable
 
 
