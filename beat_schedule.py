@@ -1,7 +1,20 @@
 """The periodic jobs of the fleet, run by exactly one ``celery beat``.
 
-Each entry names a task by its registered name, so this module imports nothing heavy. Jobs
-are added by the issues that bring their tasks (catch-up, housekeeping, expiry, metrics).
+Each entry names a task of :mod:`prompt_tasks.operations` by its registered name and sends it
+to the ``default`` queue (consumed by the summary workers), so this module imports nothing
+heavy. Never route a beat job to a broadcast queue: on Redis those silently dropped
+beat-routed tasks; per-worker work goes through a remote-control command instead
+(:mod:`prompt_tasks.housekeeping`).
+
+==================== ===================================== ================================
+entry                task                                  period
+==================== ===================================== ================================
+catchup              ``prompt_tasks.catchup_run``          ``catchup_interval_s``; acts
+                                                           only in ``catchup_window``
+housekeeping         ``prompt_tasks.housekeeping``         ``housekeeping_interval_s``
+expiry               ``prompt_tasks.expiry_sweep``         ``housekeeping_interval_s``
+fleet-gauges         ``prompt_tasks.fleet_gauges``         ``fleet_metrics_interval_s``
+==================== ===================================== ================================
 """
 
 from __future__ import annotations
@@ -13,8 +26,20 @@ if TYPE_CHECKING:
 
 __all__ = ["schedule"]
 
+#: Queue every beat job is sent to.
+BEAT_QUEUE = "default"
+
+
+def _entry(task: str, every: float) -> dict[str, Any]:
+    # A job not started within one period is dropped: the next one does the same work.
+    return {"task": task, "schedule": float(every), "options": {"queue": BEAT_QUEUE, "expires": float(every)}}
+
 
 def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Celery ``beat_schedule`` for ``settings``."""
-    del settings  # intervals become settings as jobs arrive
-    return {}
+    return {
+        "catchup": _entry("prompt_tasks.catchup_run", settings.catchup_interval_s),
+        "housekeeping": _entry("prompt_tasks.housekeeping", settings.housekeeping_interval_s),
+        "expiry": _entry("prompt_tasks.expiry_sweep", settings.housekeeping_interval_s),
+        "fleet-gauges": _entry("prompt_tasks.fleet_gauges", settings.fleet_metrics_interval_s),
+    }

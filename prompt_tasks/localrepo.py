@@ -117,6 +117,9 @@ class Repos:
         key = (instrument, int(detector))
         with self._lock:
             butler = self._local.get(key)
+            if butler is not None and not (self.path_of(*key) / _READY).exists():
+                butler.close()  # deleted under us (housekeeping): open it afresh
+                butler = None
             if butler is None:
                 butler = self._open_or_create(instrument, int(detector))
                 self._local[key] = butler

@@ -70,6 +70,10 @@ def visit_summary(ctx: Context, instrument: str, group: str,
     summary = ledger.build_summary(record, instrument, group, statuses, by=by, now=now)
     written = ledger.write_summary(ctx.redis, instrument, group, summary, by=by,
                                    ttl_s=ctx.settings.ledger_ttl_s, when=now)
+    if written:  # every detector-visit that did not succeed is kept for daytime catch-up
+        from prompt_tasks.catchup import record_failures
+
+        record_failures(ctx.redis, record, summary)
     return {**summary, "written": written}
 
 

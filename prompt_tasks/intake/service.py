@@ -1,4 +1,4 @@
-"""The intake process: the HTTP API under uvicorn, the stream consumer and the queue controller.
+"""The intake process: the HTTP API under uvicorn, the stream consumer, the queue controller, /metrics.
 
 ``prompt-tasks intake`` runs :class:`IntakeService`. uvicorn serves in the main thread; the
 stream consumer and the queue controller run in their own threads. SIGTERM or SIGINT stops
@@ -45,8 +45,8 @@ class IntakeService:
     instruments
         Instruments whose fan-out streams to read (default: the known ones, plus any
         ``instrument:*`` stream found).
-    stream, controller
-        Whether to run the stream consumer and the queue controller.
+    stream, controller, metrics
+        Whether to run the stream consumer, the queue controller and the metrics endpoint.
     window_s
         Gathering window of the stream consumer.
     """
@@ -56,6 +56,8 @@ class IntakeService:
     instruments: Iterable[str] | None = None
     stream: bool = True
     controller: bool = True
+    #: Serve ``/metrics`` on ``settings.metrics_port`` (:mod:`prompt_tasks.exporter`).
+    metrics: bool = True
     window_s: float = 0.5
 
     def run(self) -> int:
@@ -96,6 +98,13 @@ class IntakeService:
 
     def _start_parts(self) -> list[Any]:
         parts: list[Any] = []
+        if self.metrics:
+            from prompt_tasks.exporter import MetricsServer
+
+            try:
+                parts.append(MetricsServer(self.celery_app, self.settings).start())
+            except OSError:  # the port is taken: visits matter more than their metrics
+                log.exception("metrics endpoint not started on port %d", self.settings.metrics_port)
         if self.controller:
             from prompt_tasks.controller import QueueController
 
