@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Self
 from prompt_tasks import affinity
 from prompt_tasks.context import Context
 from prompt_tasks.router import detector_queue, instrument_detectors
+from workers import detector_hostname
 
 if TYPE_CHECKING:
     import redis
@@ -52,7 +53,7 @@ ASSIGNMENT_KEY = "affinity:assignment"
 EVENTS_KEY = "affinity:events"
 STATE_KEY = "affinity:state"
 #: Node names of compute workers start with this (``detector-<index>@<host>``).
-WORKER_PREFIX = "detector-"
+WORKER_PREFIX = detector_hostname(0).removesuffix("0")
 _EVENTS_KEPT = 200
 
 
