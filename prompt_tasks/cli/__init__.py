@@ -26,6 +26,8 @@ COMMAND_MODULES: list[str] = [
     "prompt_tasks.cli.events",  # dispatcher
     "prompt_tasks.cli.simcam",  # central init, simulate
     "prompt_tasks.cli.butler",  # local repos, export
+    "prompt_tasks.cli.catchup",  # catchup list/run
+    "prompt_tasks.cli.report",  # report (a visit's timeline PNG)
 ]
 
 pass_settings = click.make_pass_decorator(Settings)
