@@ -13,6 +13,7 @@ instrument's geometry, so the middleware's imports and set-up are paid once per 
 - :func:`ingest`: the snaps ``wait_for_snap`` found, from the raw bucket into the local repo.
 - :func:`run`: the first candidate with work runs in-process; an export request for its
   outputs (and the raws) is queued for the ``export`` task.
+- :func:`export_pending`: the ``export`` task's body, batches of requests to the central repo.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "candidates_for",
     "default_selection_path",
+    "export_pending",
     "footprint_for",
     "ingest",
     "prepare",
@@ -282,3 +284,45 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     if poke_export is not None:
         poke_export()
     return _status("run", visit, detector, **outcome.to_dict(), skipped_reason=why, export_queued=True)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _open_local_readonly(ctx: Context) -> Callable[[str], Butler]:
+    """Opener of local repos for export, read-only, kept open per process."""
+    opened: dict[str, Butler] = ctx.extras.setdefault("export_sources", {})
+
+    def open_local(path: str) -> Butler:
+        from lsst.daf.butler import Butler
+
+        butler = opened.get(path)
+        if butler is None:
+            if not (Path(path) / "butler.yaml").exists():
+                raise FileNotFoundError(f"no local repo at {path}")
+            butler = Butler.from_config(path, writeable=False)
+            opened[path] = butler
+        else:
+            butler.registry.refresh()
+        return butler
+
+    return open_local
+
+
+def export_pending(ctx: Context, schedule: Callable[[float], None], force: bool = False) -> dict[str, Any]:
+    """Drain the export list into the central repo (the body of the ``export`` task).
+
+    A failure of the central repo or of a transfer leaves the requests in the list and
+    raises :class:`~prompt_tasks.errors.RetryLater`: the task retries the export later,
+    never the pipeline.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from prompt_tasks.errors import RetryLater
+    from prompt_tasks.export import drain
+
+    try:
+        result = drain(ctx, repos_of(ctx).central, _open_local_readonly(ctx), schedule, force=force)
+    except (SQLAlchemyError, OSError) as exc:
+        raise RetryLater(f"export failed, will retry: {type(exc).__name__}: {exc}", delay=2.0) from exc
+    return result.to_dict()

@@ -14,12 +14,14 @@ task                            queue                job
 ``prompt_tasks.run_pipeline``   detector.<I>.<NNN>   run the science pipeline
 ``prompt_tasks.summarize_visit`` summary             the chord callback: write the summary
 ``prompt_tasks.visit_deadline`` summary              the summary if the chord is late
+``prompt_tasks.export``         export               outputs to the central repo, batched
 =============================== ==================== ===========================================
 
-``wait_for_snap`` runs :func:`prompt_tasks.snap.wait_for_snaps`. The bodies of
-``prepare_repo``, ``ingest`` and ``run_pipeline`` are placeholders here (the Butler issues
-replace them); the ledger bookkeeping, retries and the fault-injection keys of
-:func:`prompt_tasks.stage.check_fault` are the base task's (:class:`~prompt_tasks.stage.StageTask`).
+``wait_for_snap`` runs :func:`prompt_tasks.snap.wait_for_snaps`; ``prepare_repo``, ``ingest``
+and ``run_pipeline`` run the Butler work of :mod:`prompt_tasks.butler_stages` (or, with
+``settings.payload == "noop"``, only the framework's bookkeeping); the ledger bookkeeping,
+retries and the fault-injection keys of :func:`prompt_tasks.stage.check_fault` are the base
+task's (:class:`~prompt_tasks.stage.StageTask`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prompt_tasks import ledger
 from prompt_tasks.context import Context, context_of
+from prompt_tasks.errors import RetryLater
 from prompt_tasks.stage import StageTask, policy_options
 from prompt_tasks.status import Outcome, StageStatus
 
 __all__ = [
     "deadline_summary",
+    "export",
     "ingest",
     "placeholder_stage",
     "prepare_repo",
@@ -91,8 +95,17 @@ def deadline_summary(ctx: Context, instrument: str, group: str) -> dict[str, Any
 @shared_task(bind=True, base=StageTask, name="prompt_tasks.prepare_repo", stage="prepare",
              chained=False, **policy_options("prepare"))
 def prepare_repo(self: Task, visit: dict[str, Any], detector: int) -> StageStatus:
-    """Prepare the detector's local repository for the visit (placeholder)."""
-    return placeholder_stage(context_of(self.app), "prepare", visit, detector)
+    """Select the visit's pipelines and preload the detector's local repository.
+
+    See :func:`prompt_tasks.butler_stages.prepare`; with ``settings.payload == "noop"`` the
+    stage only does the framework's bookkeeping (benchmarks, drills).
+    """
+    ctx = context_of(self.app)
+    if ctx.settings.payload == "noop":
+        return placeholder_stage(ctx, "prepare", visit, detector)
+    from prompt_tasks.butler_stages import prepare
+
+    return prepare(ctx, visit, int(detector))
 
 
 @shared_task(bind=True, base=StageTask, name="prompt_tasks.wait_for_snap", stage="wait",
@@ -114,15 +127,49 @@ def wait_for_snap(self: Task, status: dict[str, Any], visit: dict[str, Any], det
 @shared_task(bind=True, base=StageTask, name="prompt_tasks.ingest", stage="ingest",
              chained=True, **policy_options("ingest"))
 def ingest(self: Task, status: dict[str, Any], visit: dict[str, Any], detector: int) -> StageStatus:
-    """Ingest the detector's snaps into its local repository (placeholder)."""
-    return placeholder_stage(context_of(self.app), "ingest", visit, detector)
+    """Ingest the snaps ``wait_for_snap`` found into the detector's local repository.
+
+    See :func:`prompt_tasks.butler_stages.ingest` (a bad raw fails this detector-visit).
+    """
+    ctx = context_of(self.app)
+    if ctx.settings.payload == "noop":
+        return placeholder_stage(ctx, "ingest", visit, detector)
+    from prompt_tasks.butler_stages import ingest as ingest_snaps
+
+    return ingest_snaps(ctx, visit, int(detector), status)
 
 
 @shared_task(bind=True, base=StageTask, name="prompt_tasks.run_pipeline", stage="run",
              chained=True, **policy_options("run"))
 def run_pipeline(self: Task, status: dict[str, Any], visit: dict[str, Any], detector: int) -> StageStatus:
-    """Run the visit's science pipeline on the detector (placeholder)."""
-    return placeholder_stage(context_of(self.app), "run", visit, detector)
+    """Run the first candidate pipeline with work, in-process, then queue its export.
+
+    See :func:`prompt_tasks.butler_stages.run`; the ``export`` task writes the outputs to the
+    central repo.
+    """
+    ctx = context_of(self.app)
+    if ctx.settings.payload == "noop":
+        return placeholder_stage(ctx, "run", visit, detector)
+    from prompt_tasks.butler_stages import run
+
+    return run(ctx, visit, int(detector), status, poke_export=lambda: export.apply_async(queue="export"))
+
+
+@shared_task(bind=True, name="prompt_tasks.export", autoretry_for=(RetryLater,), retry_backoff=2,
+             retry_backoff_max=60, max_retries=30)
+def export(self: Task, force: bool = False) -> dict[str, Any]:
+    """Write queued pipeline outputs to the central repo in batches (queue ``export``).
+
+    One writer at a time (a Redis lock); a partial batch waits for its age, with one delayed
+    export scheduled; a failure retries the export, never the pipeline
+    (:func:`prompt_tasks.butler_stages.export_pending`).
+    """
+    from prompt_tasks.butler_stages import export_pending
+
+    def later(delay: float) -> None:
+        export.apply_async(countdown=delay, queue="export")
+
+    return export_pending(context_of(self.app), later, force=bool(force))
 
 
 # --------------------------------------------------------------------------- visit tasks

@@ -35,7 +35,8 @@ def chord_settings(servers: Settings) -> Settings:
     client.flushall()
     client.close()
     _events_redis[:] = [servers.events_redis]
-    return servers.model_copy(update={"deadline_margin_s": 2.0, "ledger_ttl_s": 600})
+    # payload "noop": these tests exercise the chord, not the Butler work (ChordCam has no plugin)
+    return servers.model_copy(update={"deadline_margin_s": 2.0, "ledger_ttl_s": 600, "payload": "noop"})
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ def route_settings(servers: Settings) -> Settings:
     client = redis.Redis.from_url(servers.redis_url(0))
     client.flushall()
     client.close()
-    return servers.model_copy(update={"ledger_ttl_s": 600})
+    # payload "noop": these tests exercise routing, not the Butler work (RouteCam has no plugin)
+    return servers.model_copy(update={"ledger_ttl_s": 600, "payload": "noop"})
 
 
 @pytest.fixture(scope="module")
