@@ -197,6 +197,8 @@ def announce(
         chosen = sorted({int(d) for d in (detectors if detectors is not None else instrument_detectors(visit.instrument))})
         if not chosen:
             raise InvalidVisit("detector: no detectors to process")
+        if chosen[0] < 0:
+            raise InvalidVisit(f"detector: {chosen[0]} is negative")
         settings = ctx.settings
         now = time.time()
         deadline_task, countdown = plan_deadline(visit, settings.deadline_margin_s, now)
@@ -204,8 +206,8 @@ def announce(
                                       deadline=now + countdown, received=now)
         if not created:
             return Announcement(visit.key, True, chosen, None)
-        plan = plan_chord(visit, chosen)
         try:
+            plan = plan_chord(visit, chosen)
             header = [chain(*[_signature(app, task) for task in planned]) for planned in plan.chains]
             # One producer for every message; and no result subscriptions: the router never
             # waits for these results (a Redis backend would otherwise SUBSCRIBE per task).

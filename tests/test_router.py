@@ -100,6 +100,8 @@ def test_announce_unknown_instrument_without_detectors(celery_app: Celery, setti
         announce(celery_app, settings, _visit(instrument="NoSuchCam"))
     with pytest.raises(InvalidVisit):
         announce(celery_app, settings, _visit(), detectors=[])
+    with pytest.raises(InvalidVisit, match="negative"):
+        announce(celery_app, settings, _visit(), detectors=[3, -1])
     assert ledger.recent(rdb) == []
 
 
