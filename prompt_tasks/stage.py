@@ -27,7 +27,7 @@ chained stage gets the previous stage's status as its first positional argument.
 Fault injection (tests and operations): a Redis key ``fault:{instrument}:{group}:{detector}:{stage}``
 makes :func:`check_fault` (called by the base task before every stage body) raise: ``fail`` a permanent
 error, ``retry`` a :class:`RetryLater`, ``sleep:<seconds>`` a stall, ``crash`` a plain
-exception. See :func:`fault_key`.
+exception; ``pass`` skips the body and succeeds. See :func:`fault_key`.
 """
 
 from __future__ import annotations
@@ -118,25 +118,41 @@ def failed_status(stage: str, instrument: str, group: str, detector: int, exc: B
     return StageStatus(stage, outcome, instrument, group, int(detector), reason=reason, code=str(code))
 
 
-def fault_key(instrument: str, group: str, detector: int, stage: str) -> str:
-    """Redis key that injects a fault into ``stage`` of one detector-visit (tests, drills)."""
-    return f"fault:{instrument}:{group}:{int(detector)}:{stage}"
+def fault_key(instrument: str, group: str, detector: int | str, stage: str) -> str:
+    """Redis key that injects a fault into ``stage`` of one detector-visit (tests, drills).
+
+    ``detector="*"`` makes the key apply to every detector of the visit.
+    """
+    which = detector if detector == "*" else int(detector)
+    return f"fault:{instrument}:{group}:{which}:{stage}"
 
 
-def check_fault(client: redis.Redis, instrument: str, group: str, detector: int, stage: str) -> None:
-    """Raise the fault injected for this stage, if any (see the module docstring)."""
-    mode = client.get(fault_key(instrument, group, detector, stage))
-    if not mode:
-        return
-    mode = str(mode)
-    if mode == "retry":
-        raise RetryLater(f"injected transient fault in {stage}", delay=0.05)
-    if mode.startswith("sleep:"):
-        time.sleep(float(mode.partition(":")[2]))
-        return
-    if mode == "crash":
-        raise RuntimeError(f"injected crash in {stage}")
-    raise PermanentError(f"injected fault in {stage}: {mode}")
+def check_fault(client: redis.Redis, instrument: str, group: str, detector: int, stage: str) -> bool:
+    """Apply the fault injected for this stage, if any (see the module docstring).
+
+    The value is one mode or several separated by commas, applied in order: ``sleep:<s>``
+    stalls, ``pass`` makes the stage succeed without running its body (returns True: cheap
+    stand-in stages for fault drills), ``retry`` raises :class:`RetryLater`, ``crash`` a plain
+    exception, anything else a :class:`PermanentError`. The detector's own key wins over the
+    visit-wide one (``detector="*"``).
+    """
+    own, every = client.mget([fault_key(instrument, group, detector, stage), fault_key(instrument, group, "*", stage)])
+    value = own or every
+    if not value:
+        return False
+    for mode in str(value.decode() if isinstance(value, bytes) else value).split(","):
+        mode = mode.strip()
+        if mode.startswith("sleep:"):
+            time.sleep(float(mode.partition(":")[2]))
+        elif mode == "pass":
+            return True
+        elif mode == "retry":
+            raise RetryLater(f"injected transient fault in {stage}", delay=0.05)
+        elif mode == "crash":
+            raise RuntimeError(f"injected crash in {stage}")
+        elif mode:
+            raise PermanentError(f"injected fault in {stage}: {mode}")
+    return False
 
 
 class StageTask(Task):
@@ -189,9 +205,11 @@ class StageTask(Task):
               group: str, detector: int) -> StageStatus:
         """Run the stage body; a status whatever happens (or ``Retry`` raised for a retry)."""
         try:
-            check_fault(ctx.redis, instrument, group, detector, self.stage)
             if self.stage == "run":
                 self._measure_snap_to_run(ctx, instrument, group, detector)
+            if check_fault(ctx.redis, instrument, group, detector, self.stage):
+                return StageStatus(self.stage, Outcome.OK, instrument, group, detector,
+                                   data={"placeholder": True})
             status = super().__call__(*args, **kwargs)
             return status if isinstance(status, StageStatus) else StageStatus.from_dict(status)
         except Retry:
