@@ -10,11 +10,13 @@ in reverse order, exactly the processes recorded in the pid files.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,6 +106,19 @@ def flower_auth(settings: Settings, create: bool = False) -> str | None:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_urlsafe(18) + "\n")
     return f"{settings.flower_user}:{path.read_text().strip()}"
+
+
+@contextmanager
+def _exclusive(settings: Settings) -> Iterator[None]:
+    """Serialise ``up`` and ``down`` of one state directory (two ``up`` at once start once)."""
+    rundir = run_dir(settings)
+    rundir.mkdir(parents=True, exist_ok=True)
+    with open(rundir / "stack.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def stack_components(
@@ -200,7 +215,11 @@ def up(
     Returns the components of the stack. Raises :class:`StackError` after stopping every
     component again when one of them fails to start.
     """
-    settings.state_path.mkdir(parents=True, exist_ok=True)
+    with _exclusive(settings):
+        return _up(settings, skip, timeout, report)
+
+
+def _up(settings: Settings, skip: Collection[str], timeout: float, report: Reporter) -> list[Component]:
     comps = stack_components(settings, skip, create_secrets=True)
     if settings.flower_password is None and any(c.role == "flower" for c in comps):
         report("flower", f"basic-auth password in {flower_password_file(settings)}")
@@ -215,7 +234,7 @@ def up(
         started = [(c, _launch(settings, c, report)) for c in fleet]
         _wait_healthy(settings, started, timeout, report)
     except BaseException:
-        down(settings, report=report)
+        _down(settings, report, 20.0)
         raise
     return comps
 
@@ -223,6 +242,11 @@ def up(
 def down(settings: Settings, report: Reporter = _quiet, timeout: float = 20.0) -> list[str]:
     """Stop every component of the stack recorded in its pid files, fleet first, in reverse
     start order; return the names of those stopped."""
+    with _exclusive(settings):
+        return _down(settings, report, timeout)
+
+
+def _down(settings: Settings, report: Reporter, timeout: float) -> list[str]:
     comps = stack_components(settings)
     # A component of a stack started with more detector workers than configured now.
     known = {c.name for c in comps}

@@ -3,6 +3,11 @@
 Each process runs in its own session (so its process group, e.g. a Celery worker and its pool
 children, can be signalled through the pid we recorded) and writes to its own log file. A pid
 file whose process is gone, or whose pid now belongs to another program, is stale and ignored.
+
+The pid file holds the pid and the process's start time (``/proc/<pid>/stat``, field 22): a
+reused pid has another start time. That identity holds while a program rewrites its command
+line (JuiceFS blanks its own for about 0.1 s at start-up); the command-line signature is only
+the fallback for pid files without a start time.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _is_zombie(pid: int) -> bool:
@@ -56,10 +68,15 @@ class ManagedProcess:
     def pid(self) -> int | None:
         """Pid of the running process, or None (a stale pid file is removed)."""
         try:
-            pid = int(self.pid_file.read_text().split()[0])
+            fields = self.pid_file.read_text().split()
+            pid = int(fields[0])
         except (OSError, ValueError, IndexError):
             return None
-        if _is_zombie(pid) or not self._matches(_cmdline(pid)):
+        if len(fields) > 1:
+            ours = _start_time(pid) == fields[1]
+        else:
+            ours = self._matches(_cmdline(pid))
+        if _is_zombie(pid) or not ours:
             self.pid_file.unlink(missing_ok=True)
             return None
         return pid
@@ -101,7 +118,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.pid_file.write_text(f"{proc.pid}\n")
+        self.pid_file.write_text(f"{proc.pid} {_start_time(proc.pid) or ''}".strip() + "\n")
         # The child is reaped by whoever waits on it; we only keep its pid.
         self._popen = proc
         return proc.pid

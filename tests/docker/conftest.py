@@ -1,15 +1,15 @@
 """The container suite: the project's image against real Redis and MinIO containers.
 
 It needs a Docker daemon; where ``docker info`` fails (these build machines) every test here
-is skipped with that reason, CI or not. Nothing here is a fixture of the main suite: the
-containers are started with the ``docker`` CLI, and pytest-celery, when installed (it is not a
-dependency), is loaded only for this directory, so its fixtures never shadow the classic
-``celery_app``/``celery_worker`` ones elsewhere.
+is skipped with that reason, CI or not. The containers are started with the ``docker`` CLI,
+the way pytest-celery's container fixtures do it; pytest-celery itself is deliberately not a
+dependency: installed, its plugin registers itself for every test and replaces the classic
+``celery_app``/``celery_worker`` fixtures of the main suite, which runs in-process workers
+against private real servers instead.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import time
@@ -24,10 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MINIO_IMAGE = "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
 REDIS_IMAGE = "redis:7.4.1"
 IMAGE = "prompt-tasks:test"
-
-if importlib.util.find_spec("pytest_celery") is not None:
-    pytest_plugins = ["pytest_celery"]
-
 
 def docker_unavailable() -> str | None:
     """Why the suite cannot run here, or None when a Docker daemon answers."""
