@@ -7,9 +7,10 @@ worker visit after visit. A load cap keeps the fleet balanced: no worker gets mo
 
 :func:`target_assignment` is the assignment a set of workers should converge to, a pure
 function of the queues and the workers. :func:`rebalance` goes from the current assignment to
-a valid one moving only what it must: queues of a worker that left move, queues of a worker
-that stays stay unless its load must shrink, and a worker that (re)joins takes back the
-queues whose target it is, so a restarted worker gets its old queues again.
+a valid one moving only what it must: when workers leave, only their queues move (survivors
+keep theirs unless the load bounds force otherwise); when a worker (re)joins, the fleet goes
+back to the target assignment, so a restarted worker gets its old queues again and a new one
+takes its share (old workers swap only the few queues the bounded target shifts).
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ def target_assignment(queues: Iterable[str], workers: Iterable[str]) -> dict[str
 
 
 def rebalance(queues: Iterable[str], workers: Iterable[str],
-              current: Mapping[str, str] | None = None) -> dict[str, str]:
+              current: Mapping[str, str] | None = None,
+              joined: Iterable[str] | None = None) -> dict[str, str]:
     """Queue → worker for ``workers``, starting from ``current`` and moving as little as it can.
+
+    When a worker ``joined`` (by default: when a worker holds nothing in ``current``), the
+    answer is the target assignment: the joiner gets its queues, a restarted worker its old
+    ones, and old workers swap only the few queues the bounded target shifts. When workers
+    only left:
 
     1. queues whose owner is still a worker stay there;
     2. a worker above the cap gives up its queues that target another worker first;
@@ -85,6 +92,9 @@ def rebalance(queues: Iterable[str], workers: Iterable[str],
     held: dict[str, list[str]] = {w: [] for w in workers}
     for queue, worker in sorted(owner.items()):
         held[worker].append(queue)
+    joiners = {w for w in workers if not held[w]} if joined is None else set(joined) & alive
+    if joiners:
+        return dict(sorted(target.items()))
     # 2. shed load above the cap: queues targeting elsewhere first, then the worst-scoring.
     for worker in workers:
         excess = len(held[worker]) - cap

@@ -175,7 +175,8 @@ class QueueController:
             started = time.time()
             observed = self.observe()
             workers = self._live(observed)
-            desired = affinity.rebalance(self.queues, workers, self.assignment)
+            joined = set(workers) - set(self.workers)
+            desired = affinity.rebalance(self.queues, workers, self.assignment, joined=joined)
             cancel, add = plan_actions(desired, observed, self.queues)
             changed = desired != self.assignment or workers != self.workers
             if not (changed or cancel or add):
