@@ -481,6 +481,10 @@ def test_intake_process(settings: Settings, rdb: redis.Redis, tmp_path: Path) ->
             time.sleep(0.1)
         assert record is not None, "the stream's visit was never announced"
         assert sorted(record.detectors) == [1, 3, 5]
+
+        # The fleet's metrics, on the metrics port.
+        metrics = httpx.get(f"http://{locked.host}:{locked.metrics_port}/metrics", timeout=10)
+        assert metrics.status_code == 200 and "prompt_tasks" in metrics.text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -24,14 +24,15 @@ def _celery_app(settings: Settings):  # type: ignore[no-untyped-def]
               help="Read this instrument's fan-out stream (repeatable); default: the known ones.")
 @click.option("--no-stream", is_flag=True, help="Do not consume the fan-out streams.")
 @click.option("--no-controller", is_flag=True, help="Do not run the queue controller.")
+@click.option("--no-metrics", is_flag=True, help="Do not serve Prometheus metrics on the metrics port.")
 @click.option("--window", type=float, default=0.5, show_default=True,
               help="Seconds without a new detector before a fanned-out visit is announced.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--plain-logs", is_flag=True, help="Plain-text logs instead of JSON lines.")
 @pass_settings
 def intake(settings: Settings, instruments: tuple[str, ...], no_stream: bool, no_controller: bool,
-           window: float, loglevel: str, plain_logs: bool) -> None:
-    """Run the intake: HTTP API, fan-out stream consumer and queue controller."""
+           no_metrics: bool, window: float, loglevel: str, plain_logs: bool) -> None:
+    """Run the intake: HTTP API, fan-out stream consumer, queue controller and metrics."""
     from prompt_tasks.intake.service import IntakeService
     from prompt_tasks.logs import configure_logging
 
@@ -42,6 +43,7 @@ def intake(settings: Settings, instruments: tuple[str, ...], no_stream: bool, no
         instruments=list(instruments) or None,
         stream=not no_stream,
         controller=not no_controller,
+        metrics=not no_metrics,
         window_s=window,
     )
     sys.exit(service.run())
