@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,10 +83,12 @@ def list_snaps(ctx: Context, instrument: str, group: str, detector: int) -> list
     scheme = scheme_for(instrument)
     prefix = scheme.listing_prefix(instrument, group, detector)
 
-    def read_sidecar(key: str) -> dict[str, Any] | None:
-        from prompt_tasks.dispatcher import s3_sidecar_reader
+    from prompt_tasks.dispatcher import s3_sidecar_reader
 
-        return s3_sidecar_reader(ctx.s3)(bucket, key)  # type: ignore[return-value]
+    reader = s3_sidecar_reader(ctx.s3)
+
+    def read_sidecar(key: str) -> Mapping[str, Any] | None:
+        return reader(bucket, key)
 
     found: list[str] = []
     for obj in ctx.s3.list_objects(bucket, prefix=prefix, recursive=True):

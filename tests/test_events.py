@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from prompt_tasks.errors import InvalidEvent
 from prompt_tasks.events import ObjectEvent, parse_body
@@ -110,3 +113,9 @@ def test_garbage_raises_invalid_event(raw: bytes) -> None:
 def test_event_is_a_plain_value() -> None:
     event = ObjectEvent("s3:ObjectCreated:Put", "b", "k", 1, "e", "")
     assert event.timestamp is None and event.is_create
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1))
+def test_any_key_survives_minio_escaping(key: str) -> None:
+    (event,) = parse_body(_access_item(quote_plus(key, safe="")))
+    assert event.key == key
