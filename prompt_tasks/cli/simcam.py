@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import click
 from rich.console import Console
@@ -79,6 +80,21 @@ def central_init(settings: Settings, instrument: str, detectors: int | None, siz
         console.print(f"[green]built: {sum(s.created for s in steps)} items[/green]")
 
 
+def _outcomes(record: dict[str, Any]) -> tuple[dict[str, int], int]:
+    """Final outcomes per kind, and detectors still running, of a ledger record."""
+    summary = record.get("summary") or {}
+    if summary.get("counts"):
+        return dict(summary["counts"]), 0
+    counts: dict[str, int] = {}
+    running = 0
+    for detector in (record.get("detectors") or {}).values():
+        if detector.get("final"):
+            counts[detector.get("outcome") or "?"] = counts.get(detector.get("outcome") or "?", 0) + 1
+        else:
+            running += 1
+    return counts, running
+
+
 @click.command()
 @click.option("--visits", type=click.IntRange(1), default=5, show_default=True, help="Visits to take.")
 @click.option("--detectors", type=click.IntRange(1, 189), default=None,
@@ -104,7 +120,7 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
 
     from prompt_tasks.central import read_camera
     from prompt_tasks.instruments.simcam.config import SimConfig
-    from prompt_tasks.instruments.simcam.night import plan_night, run_night, tai_now
+    from prompt_tasks.instruments.simcam.night import TAI_MINUS_UTC, plan_night, run_night, tai_now
 
     console = _console()
     try:
@@ -135,19 +151,22 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
         report = run_night(settings, config, plan, list(range(n)), progress=progress, wait_s=wait_s,
                            log=console.print, via=via)
     table = Table(title="visits")
-    for column in ("#", "group", "filter", "ra", "dec", "ok", "failed", "other", "after end (s)", "transients"):
-        table.add_column(column)
+    for column in ("#", "group", "band", "ok", "failed", "other", "running", "done after readout (s)",
+                   "transients"):
+        table.add_column(column, justify="left" if column in ("group", "band") else "right")
     for p in plan:
         record = report.ledger.get(p.index) or {}
         summary = record.get("summary") or {}
-        counts = summary.get("counts") or record.get("counts") or {}
+        counts, running = _outcomes(record)
         ok, failed = counts.get("ok", 0), counts.get("failed", 0)
         other = sum(v for k, v in counts.items() if k not in ("ok", "failed"))
-        after = summary.get("after_expected_end_s")
+        last = summary.get("last_run_end")
+        # The ledger's clock is UTC; the visit's times are TAI.
+        after = None if last is None else float(last) + TAI_MINUS_UTC - (p.spec.start + p.spec.duration)
         state = "" if p.index in report.announced else " (rejected)"
-        table.add_row(str(p.index), p.spec.group + state, p.spec.physical_filter, f"{p.spec.ra:.4f}",
-                      f"{p.spec.dec:.4f}", str(ok), str(failed), str(other),
-                      "-" if after is None else f"{after:.1f}", str(report.truth.get(p.index, 0)))
+        table.add_row(str(p.index), p.spec.group + state, p.spec.band, str(ok), str(failed), str(other),
+                      str(running), "-" if after is None or not summary else f"{after:.1f}",
+                      str(report.truth.get(p.index, 0)))
     console.print(table)
     console.print(f"{report.put} raws PUT ({report.late_puts} snaps late), {len(report.announced)} visits "
                   f"announced, {len(report.rejected)} rejected")
