@@ -200,3 +200,21 @@ def test_wait_task_on_a_real_wait_worker(ctx: Context, dispatching: None, celery
     assert status.outcome is Outcome.OK and status.stage == "wait"
     assert status.data["snaps"]["0"]["key"] == key
     assert status.data["worker"] == "wait@snap-test"
+
+
+def test_listing_resolves_sidecar_keys(ctx: Context) -> None:
+    import json
+
+    group = _group()
+    key = format_key("LSSTCam", 94, group, 0)
+    other = format_key("LSSTCam", 94, _group(), 0)  # same day and detector, another group
+    ensure_bucket(ctx.s3, ctx.settings, notify=False)
+    try:
+        for image, image_group in ((key, group), (other, "another")):
+            sidecar = json.dumps({"GROUPID": image_group, "CURINDEX": 1}).encode()
+            _put(ctx, image.removesuffix(".fits") + ".json", sidecar)
+            _put(ctx, image)
+        status = wait_for_snaps(ctx, "LSSTCam", group, 94, 1, time.time(), timeout=0.2)
+    finally:
+        ensure_bucket(ctx.s3, ctx.settings, notify=True)
+    assert status.outcome is Outcome.OK and status.data["listed"] == [key]
