@@ -216,7 +216,7 @@ class StageTask(Task):
             raise
         except SoftTimeLimitExceeded as exc:
             return failed_status(self.stage, instrument, group, detector, exc)
-        except Exception as exc:  # a stage never raises out of its chain
+        except Exception as exc:  # noqa: BLE001 - a stage never raises out of its chain
             transient = retry.as_retry(exc)
             if transient is None:
                 return failed_status(self.stage, instrument, group, detector, exc)
@@ -227,7 +227,16 @@ class StageTask(Task):
                 log.warning("%s: transient error, retry %d in %.2f s: %s", self.stage,
                             self.request.retries + 1, countdown, transient)
                 self._count(ctx, "retries", stage=self.stage)
-                raise self.retry(countdown=countdown, max_retries=policy.max_retries) from exc
+                try:
+                    raise self.retry(countdown=countdown, max_retries=policy.max_retries) from exc
+                except Retry:
+                    raise
+                except Exception as unsent:  # the broker is gone too: fail now, with the reason
+                    log.warning("%s: retry could not be sent: %s", self.stage, unsent, exc_info=True)
+                    status = failed_status(self.stage, instrument, group, detector, exc)
+                    status.code = "transient"
+                    status.reason = f"retry not sent ({type(unsent).__name__}): {status.reason}"
+                    return status
             status = failed_status(self.stage, instrument, group, detector, exc)
             status.code = status.code if isinstance(exc, RetryLater) else "transient"
             status.reason = f"gave up after {self.request.retries} retries: {status.reason}"
