@@ -188,6 +188,10 @@ def export_batch(central: Butler, requests: Sequence[ExportRequest],
             refs += _refs(local, request.raws)
         work.append((request, local, refs, _visit_records(local, request)))
     written = 0
+    # New dataset types may create tables, which cannot happen inside a transaction.
+    dataset_types = {ref.datasetType.name: ref.datasetType for _, _, refs, _ in work for ref in refs}
+    for dataset_type in dataset_types.values():
+        central.registry.registerDatasetType(dataset_type)
     with central.transaction():
         for request, local, refs, records in work:
             for element, element_records in records.items():

@@ -1,0 +1,214 @@
+"""Whole visits through the chord on real workers: SimCam raws in S3, real repos, the APDB.
+
+One in-process Celery worker (solo pool) consumes SimCam's detector queues, ``export``,
+``summary`` and ``default``; another (threads) the ``wait`` queue; a dispatcher thread turns
+bucket events into arrivals. Raws come from the SimCam simulator and are PUT into the private
+S3 gateway; the central repo is the session's (3 detectors of 256² pixels).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from prompt_tasks import ledger
+from prompt_tasks.export import is_exported
+from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.settings import Settings
+from prompt_tasks.visit import NextVisit
+from tests.butlerkit import central_fixture, next_visit, put_raws, visit_spec, world
+
+pytestmark = pytest.mark.slow
+
+DETECTORS = [0, 1]
+_visits = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def central(tmp_path_factory: pytest.TempPathFactory, servers: Settings) -> Settings:
+    return central_fixture(tmp_path_factory, servers)
+
+
+@pytest.fixture(scope="module")
+def e2e_settings(central: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    client = redis.Redis.from_url(central.redis_url(0))
+    client.flushall()
+    client.close()
+    return central.model_copy(update={
+        "local_repo_root": tmp_path_factory.mktemp("e2e-local"),
+        "export_max_age_s": 0.5,
+        "ledger_ttl_s": 3600,
+        "deadline_margin_s": 240.0,
+    })
+
+
+@pytest.fixture(scope="module")
+def app(e2e_settings: Settings) -> Iterator[Celery]:
+    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
+    from prompt_tasks.celery import create_app
+    from prompt_tasks.context import drop_context
+
+    celery_app = create_app(e2e_settings)
+    celery_app.loader.import_module("celery.contrib.testing.tasks")
+    celery_app.set_current()
+    yield celery_app
+    drop_context(celery_app, close=True)
+    celery_app.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(app: Celery) -> Iterator[None]:
+    from prompt_tasks.context import context_of
+    from prompt_tasks.dispatcher import dispatcher_for
+
+    ctx = context_of(app)
+    dispatcher = dispatcher_for(ctx)
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop, 0.1), daemon=True)
+    thread.start()
+    detector_queues = [detector_queue("SimCam", d) for d in range(3)]
+    with start_worker(app, pool="threads", concurrency=8, queues=["wait"], perform_ping_check=False,
+                      hostname="wait@e2e", shutdown_timeout=30), \
+            start_worker(app, pool="solo", queues=[*detector_queues, "export", "summary", "default"],
+                         perform_ping_check=False, hostname="detector-1@e2e", shutdown_timeout=60):
+        yield
+    stop.set()
+    thread.join(10)
+
+
+@pytest.fixture
+def rdb(e2e_settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(e2e_settings.events_redis, decode_responses=True)
+    yield client
+    client.close()
+
+
+def _spec(**overrides: Any) -> Any:
+    # visits start "now" (the wait stage compares startTime with the clock), a minute apart
+    return visit_spec(time.time() + 60.0 * next(_visits), **overrides)
+
+
+def _run_visit(app: Celery, settings: Settings, spec: Any, detectors: list[int] = DETECTORS,
+               replace: dict[tuple[int, int], bytes] | None = None, **visit_fields: Any) -> dict[str, Any]:
+    """Announce ``spec``, PUT its raws, wait for the chord's summary."""
+    visit = NextVisit.model_validate(next_visit(spec, **visit_fields))
+    announced = announce(app, settings, visit, detectors=detectors)
+    put_raws(settings, spec, detectors, replace=replace)
+    return app.AsyncResult(announced.chord_id).get(timeout=240)
+
+
+def _detector_fields(rdb: redis.Redis, spec: Any, detector: int) -> dict[str, str]:
+    raw = rdb.hgetall(ledger.visit_key("SimCam", spec.group))
+    prefix = f"d{detector:03d}."
+    return {key[len(prefix):]: value for key, value in raw.items() if key.startswith(prefix)}
+
+
+def _wait_exported(rdb: redis.Redis, spec: Any, detectors: list[int], timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(is_exported(rdb, "SimCam", spec.group, d) for d in detectors):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{spec.group} not exported within {timeout} s")
+
+
+def _dia_sources(settings: Settings, visit: int) -> int:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(settings.apdb_uri)
+    try:
+        with engine.connect() as conn:
+            columns = {c["name"] for c in sqlalchemy.inspect(engine).get_columns("DiaSource")}
+            column = "visit" if "visit" in columns else "ccdVisitId"
+            return int(conn.execute(sqlalchemy.text(
+                f'SELECT COUNT(*) FROM "DiaSource" WHERE "{column}" = :v'), {"v": visit}).scalar() or 0)
+    finally:
+        engine.dispose()
+
+
+def test_full_visit_ends_in_the_central_repo_and_the_apdb(app: Celery, fleet: None, e2e_settings: Settings,
+                                                          rdb: redis.Redis) -> None:
+    from lsst.daf.butler import Butler
+
+    spec = _spec()
+    summary = _run_visit(app, e2e_settings, spec)
+    assert summary["counts"]["ok"] == len(DETECTORS), json.dumps(summary["detectors"], indent=1)
+    for det in DETECTORS:
+        fields = _detector_fields(rdb, spec, det)
+        assert fields["run.pipeline"] == "ApPipe"
+        assert int(fields["prepare.transferred"]) > 0
+    _wait_exported(rdb, spec, DETECTORS)
+    central = Butler.from_config(e2e_settings.central_repo_uri)
+    try:
+        raws = central.query_datasets("raw", collections="SimCam/raw/all", find_first=False, explain=False,
+                                      where="group = g", bind={"g": spec.group})
+        assert {(r.dataId["exposure"], r.dataId["detector"]) for r in raws} == {
+            (spec.exposure(s), d) for s in range(spec.snaps) for d in DETECTORS}
+        runs = list(central.collections.query(f"SimCam/prompt/{spec.day_obs}/ApPipe/*"))
+        assert len(runs) == 1
+        outputs = central.query_datasets("dia_source_unstandardized", collections=runs[0], explain=False,
+                                         where="visit = v", bind={"v": spec.visit}) \
+            if "dia_source_unstandardized" in {t.name for t in central.registry.queryDatasetTypes()} else []
+        produced = {ref.datasetType.name for ref in central.query_all_datasets(runs[0], find_first=False,
+                                                                               limit=None)}
+        assert {"visit_image", "difference_image"} <= {name.split(".")[0] for name in produced} or outputs
+        regions = {(r.visit, r.detector) for r in central.query_dimension_records(
+            "visit_detector_region", instrument="SimCam", explain=False)}
+        assert {(spec.visit, d) for d in DETECTORS} <= regions
+    finally:
+        central.close()
+    assert _dia_sources(e2e_settings, spec.visit) > 0
+
+
+def test_second_visit_reuses_the_local_repo(app: Celery, fleet: None, e2e_settings: Settings,
+                                            rdb: redis.Redis) -> None:
+    first = _spec()
+    assert _run_visit(app, e2e_settings, first, detectors=[0])["counts"]["ok"] == 1
+    second = _spec()
+    summary = _run_visit(app, e2e_settings, second, detectors=[0])
+    assert summary["counts"]["ok"] == 1
+    fields = _detector_fields(rdb, second, 0)
+    preload = json.loads(fields["prepare.preload"])
+    assert preload["transferred"].get("calibration", 0) == 0
+    assert preload["reused"]["calibration"] == 3
+    assert fields["prepare.transferred"] == "0"
+
+
+def test_outside_the_templates_falls_back_and_none_skips(app: Celery, fleet: None, e2e_settings: Settings,
+                                                         rdb: redis.Redis) -> None:
+    away = _spec(ra=105.5)
+    summary = _run_visit(app, e2e_settings, away, detectors=[1])
+    assert summary["counts"]["ok"] == 1, summary["detectors"]
+    fields = _detector_fields(rdb, away, 1)
+    assert fields["run.pipeline"] == "SingleFrame"
+    attempts = json.loads(fields["run.attempts"])
+    assert attempts[0] == {"pipeline": "ApPipe", "ran": False, "reason": "empty quantum graph", "quanta": 0}
+
+    engineering = _spec(survey="engineering-tests")
+    skipped = _run_visit(app, e2e_settings, engineering, detectors=[1])
+    assert skipped["counts"]["skipped"] == 1
+    assert skipped["detectors"]["1"]["stage"] == "prepare" and "ignore" in skipped["detectors"]["1"]["reason"]
+
+
+def test_corrupt_raw_fails_only_its_detector_visit(app: Celery, fleet: None, e2e_settings: Settings,
+                                                   rdb: redis.Redis) -> None:
+    from prompt_tasks.instruments.simcam.raws import simulate_snap
+
+    spec = _spec()
+    good = simulate_snap(world(), spec, 1, 1)
+    summary = _run_visit(app, e2e_settings, spec, replace={(1, 1): good[: len(good) // 3]})
+    assert summary["detectors"]["0"]["outcome"] == "ok"
+    bad = summary["detectors"]["1"]
+    assert bad["outcome"] == "failed" and bad["stage"] == "ingest" and bad["code"] == "bad_raw"
+    assert "truncated" in bad["reason"]
+    after = _run_visit(app, e2e_settings, _spec(), detectors=[1])
+    assert after["counts"]["ok"] == 1, after["detectors"]
