@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from astropy.time import Time
-from lsst.daf.butler import Butler, CollectionType, DatasetRef, DatasetType, Timespan
+from lsst.daf.butler import (
+    Butler,
+    CollectionType,
+    DatasetRef,
+    DatasetType,
+    MissingCollectionError,
+    MissingDatasetTypeError,
+    Timespan,
+)
 from lsst.sphgeom import ConvexPolygon
 
 from prompt_tasks.settings import Settings
@@ -36,13 +44,13 @@ from prompt_tasks.settings import Settings
 __all__ = [
     "APDB_CONFIG_NAME",
     "CALIB_COLLECTION",
-    "CentralMismatch",
     "DEFAULTS_COLLECTION",
     "RAW_RUN",
     "REFCAT_COLLECTION",
     "SKYMAP_COLLECTION",
-    "Step",
     "TEMPLATE_COLLECTION",
+    "CentralMismatch",
+    "Step",
     "apdb_config_path",
     "calibration_runs",
     "database_url",
@@ -119,7 +127,7 @@ def read_camera(butler: Butler) -> dict[str, Any] | None:
     try:
         refs = butler.query_datasets("camera", collections=CAMERA_RUN, instrument=INSTRUMENT,
                                      explain=False)
-    except Exception:  # no such dataset type or collection yet
+    except (MissingDatasetTypeError, MissingCollectionError):  # not built yet
         return None
     return dict(butler.get(refs[0])) if refs else None
 
@@ -140,7 +148,7 @@ def database_url(url: str) -> str:
 
     SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not a dependency.
     """
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg2://" + url.split("://", 1)[1]
     return url
 
@@ -230,8 +238,8 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
     from prompt_tasks.instruments.simcam import calibs, refcat, templates
     from prompt_tasks.instruments.simcam.config import SimConfig
     from prompt_tasks.instruments.simcam.geometry import physical_filter
-    from prompt_tasks.instruments.simcam.skymap import SKYMAP, SimSkyMap
     from prompt_tasks.instruments.simcam.sky import Sky
+    from prompt_tasks.instruments.simcam.skymap import SKYMAP, SimSkyMap
 
     if instrument != INSTRUMENT:
         raise ValueError(f"only {INSTRUMENT} has a simulated central repository, not {instrument!r}")
@@ -305,7 +313,7 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
     skymap = SimSkyMap.for_field(config.field_ra, config.field_dec, half, name=SKYMAP,
                                  patch_inner=config.patch_size)
     step = Step("skymap")
-    ra, dec, nx, ny = skymap.tracts[0]
+    _, _, nx, ny = skymap.tracts[0]
     inserted = butler.registry.syncDimensionData(
         "skymap", {"name": SKYMAP, "hash": skymap.hash, "tract_max": len(skymap.tracts),
                    "patch_nx_max": nx, "patch_ny_max": ny})

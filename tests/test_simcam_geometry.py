@@ -13,7 +13,13 @@ from astropy.wcs import WCS
 from lsst.sphgeom import LonLat, UnitVector3d
 
 from prompt_tasks.instruments import known_instruments, load_plugin
-from prompt_tasks.instruments.simcam.geometry import FILTERS, PIXEL_SCALE, FocalPlane, band_of, tangent_to_sky
+from prompt_tasks.instruments.simcam.geometry import (
+    FILTERS,
+    PIXEL_SCALE,
+    FocalPlane,
+    band_of,
+    tangent_to_sky,
+)
 
 
 def _point(ra: float, dec: float) -> UnitVector3d:

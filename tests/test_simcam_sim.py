@@ -13,7 +13,11 @@ from prompt_tasks.instruments.simcam import calibs
 from prompt_tasks.instruments.simcam.config import SimConfig
 from prompt_tasks.instruments.simcam.formatter import read_ccd, write_ccd
 from prompt_tasks.instruments.simcam.geometry import ZERO_POINTS
-from prompt_tasks.instruments.simcam.raws import simulate_calibration, simulate_snap, simulate_visit
+from prompt_tasks.instruments.simcam.raws import (
+    simulate_calibration,
+    simulate_snap,
+    simulate_visit,
+)
 from prompt_tasks.instruments.simcam.refcat import refcat_shard
 from prompt_tasks.instruments.simcam.sky import Sky
 from prompt_tasks.instruments.simcam.skymap import SimSkyMap
@@ -139,7 +143,7 @@ def test_transients_in_the_truth_are_in_the_pixels() -> None:
     image = (data - calibs.bias_frame(config, 0, 1)) / calibs.flat_response(config, 0, "r", 1)
     image -= np.median(image)
     for row in inside:
-        x, y = int(round(row["x"])), int(round(row["y"]))
+        x, y = round(float(row["x"])), round(float(row["y"]))
         measured = image[y - 6:y + 7, x - 6:x + 7].sum() * header["GAIN"]
         expected = 10 ** (-0.4 * (row["mag"] - ZERO_POINTS["r"])) * visit.exptime
         assert measured == pytest.approx(expected, rel=0.35), dict(row)

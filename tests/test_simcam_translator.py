@@ -12,8 +12,8 @@ from lsst.daf.butler import Butler
 from lsst.sphgeom import LonLat, UnitVector3d
 
 from prompt_tasks.instruments.simcam.config import SimConfig
-from prompt_tasks.instruments.simcam.instrument import SimCam
 from prompt_tasks.instruments.simcam.formatter import seed_config
+from prompt_tasks.instruments.simcam.instrument import SimCam
 from prompt_tasks.instruments.simcam.raws import simulate_calibration, simulate_snap
 from prompt_tasks.instruments.simcam.translator import RECORD_ORDER, records_from_header
 from prompt_tasks.instruments.simcam.visits import VisitSpec, group_id

@@ -120,12 +120,17 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
 
     from prompt_tasks.central import read_camera
     from prompt_tasks.instruments.simcam.config import SimConfig
-    from prompt_tasks.instruments.simcam.night import TAI_MINUS_UTC, plan_night, run_night, tai_now
+    from prompt_tasks.instruments.simcam.night import (
+        TAI_MINUS_UTC,
+        plan_night,
+        run_night,
+        tai_now,
+    )
 
     console = _console()
     try:
         camera = read_camera(Butler.from_config(settings.central_repo_uri))
-    except Exception as exc:  # no repository at all
+    except (OSError, ValueError) as exc:  # no repository at all
         camera = None
         console.print(f"[red]cannot read the central repository: {exc}[/red]")
     if camera is None:

@@ -20,7 +20,7 @@ from astropy.nddata import CCDData, StdDevUncertainty
 from lsst.daf.butler import Config, FormatterV2
 from lsst.resources import ResourcePath
 
-__all__ = ["CCDImageFormatter", "SEED_CONFIG", "read_ccd", "seed_config", "write_ccd"]
+__all__ = ["SEED_CONFIG", "CCDImageFormatter", "read_ccd", "seed_config", "write_ccd"]
 
 #: The repo seed config declaring ``CCDImage``.
 SEED_CONFIG = Path(__file__).with_name("seed_butler.yaml")

@@ -26,16 +26,16 @@ __all__ = [
     "BANDS",
     "DETECTOR_GAP_PX",
     "FILTERS",
-    "FocalPlane",
-    "DetectorGeometry",
     "PIXEL_SCALE",
     "RAFT_GAP_PX",
     "SKY_BRIGHTNESS",
     "ZERO_POINTS",
+    "DetectorGeometry",
+    "FocalPlane",
     "band_of",
     "physical_filter",
-    "tangent_to_sky",
     "sky_to_tangent",
+    "tangent_to_sky",
 ]
 
 #: Arcsec per pixel.

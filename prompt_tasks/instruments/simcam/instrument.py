@@ -15,7 +15,7 @@ from lsst.utils.introspection import get_full_type_name
 from prompt_tasks.instruments.simcam.formatter import CCDImageFormatter
 from prompt_tasks.instruments.simcam.geometry import FILTERS, MAX_DETECTORS, FocalPlane
 
-__all__ = ["INSTRUMENT", "SimCam", "VISIT_SYSTEMS"]
+__all__ = ["INSTRUMENT", "VISIT_SYSTEMS", "SimCam"]
 
 INSTRUMENT = "SimCam"
 #: Visit systems: id → name. Visits group the snaps of a group (``by-group``).

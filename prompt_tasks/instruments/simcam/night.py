@@ -30,10 +30,10 @@ from prompt_tasks.instruments.simcam.geometry import physical_filter
 from prompt_tasks.instruments.simcam.visits import READOUT_S, VisitSpec
 
 __all__ = [
+    "TAI_MINUS_UTC",
     "Event",
     "NightReport",
     "PlannedVisit",
-    "TAI_MINUS_UTC",
     "events_of",
     "fanout_messages",
     "next_visit_body",

@@ -24,10 +24,21 @@ from astropy.time import Time
 
 from prompt_tasks.instruments.simcam import calibs
 from prompt_tasks.instruments.simcam.config import SimConfig
-from prompt_tasks.instruments.simcam.geometry import PIXEL_SCALE, SKY_BRIGHTNESS, ZERO_POINTS, band_of
+from prompt_tasks.instruments.simcam.geometry import (
+    PIXEL_SCALE,
+    SKY_BRIGHTNESS,
+    ZERO_POINTS,
+    band_of,
+)
 from prompt_tasks.instruments.simcam.render import render_points
 from prompt_tasks.instruments.simcam.sky import Sky
-from prompt_tasks.instruments.simcam.visits import READOUT_S, VisitSpec, day_obs_of, exposure_id, group_id, visit_seq
+from prompt_tasks.instruments.simcam.visits import (
+    VisitSpec,
+    day_obs_of,
+    exposure_id,
+    group_id,
+    visit_seq,
+)
 
 __all__ = [
     "CALIBRATION_TYPES",

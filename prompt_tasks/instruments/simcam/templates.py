@@ -13,10 +13,14 @@ import numpy as np
 from astropy.nddata import CCDData
 
 from prompt_tasks.instruments.simcam.config import SimConfig
-from prompt_tasks.instruments.simcam.geometry import PIXEL_SCALE, SKY_BRIGHTNESS, ZERO_POINTS
+from prompt_tasks.instruments.simcam.geometry import (
+    PIXEL_SCALE,
+    SKY_BRIGHTNESS,
+    ZERO_POINTS,
+)
 from prompt_tasks.instruments.simcam.render import render_points
-from prompt_tasks.instruments.simcam.skymap import SimSkyMap
 from prompt_tasks.instruments.simcam.sky import Sky
+from prompt_tasks.instruments.simcam.skymap import SimSkyMap
 
 __all__ = ["DEPTH_VISITS", "NJY_ZERO_POINT", "TEMPLATE_FWHM", "make_template"]
 

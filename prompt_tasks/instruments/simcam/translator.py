@@ -23,7 +23,11 @@ from lsst.daf.butler import Timespan
 
 from prompt_tasks.instruments.simcam.geometry import FocalPlane
 from prompt_tasks.instruments.simcam.instrument import INSTRUMENT
-from prompt_tasks.instruments.simcam.visits import READOUT_S, split_exposure_id, visit_id
+from prompt_tasks.instruments.simcam.visits import (
+    READOUT_S,
+    split_exposure_id,
+    visit_id,
+)
 
 __all__ = ["OBSERVATION_TYPES", "RECORD_ORDER", "VISIT_SYSTEM", "day_obs_timespan", "records_from_header"]
 
