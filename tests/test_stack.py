@@ -160,6 +160,13 @@ def test_up_status_ping_up_again_down(stack: Stack) -> None:
     nodes = {name.split("@")[0] for name in json.loads(ping.stdout.strip().splitlines()[-1])}
     assert nodes == {"detector-1", *(role for role in CELERY_ROLES if role != "detector")}
 
+    # the main job on the running stack: a PUT, its event indexed by the dispatcher, health
+    demo = stack.run("demo")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "already up" in demo.stdout and "The stack is healthy" in demo.stdout
+    if "dispatcher" not in stack.skip:
+        assert "indexed by the dispatcher in the arrivals index" in demo.stdout
+
     # up twice starts nothing new
     again = stack.run("stack", "up")
     assert again.returncode == 0, again.stdout + again.stderr

@@ -76,6 +76,8 @@ class Component:
         Start group.
     port
         TCP port it listens on, if any.
+    extra_ports
+        Further ports it listens on (checked free before it starts).
     node
         Celery node-name prefix (``name@``) of a worker.
     env
@@ -89,6 +91,7 @@ class Component:
     health: Health
     tier: Tier = Tier.FLEET
     port: int | None = None
+    extra_ports: tuple[int, ...] = ()
     node: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -187,10 +190,13 @@ def components(settings: Settings, flower_auth: str | None = None) -> list[Compo
             )
         else:  # a prompt-tasks command of the same name
             argv = (prompt_tasks_executable(), role.name)
-            health, port = Health.PID, None
-            if role.name == "intake":
-                health, port = Health.HTTP_HEALTHZ, settings.intake_port
+            health, port, extra = Health.PID, None, ()
+            if role.name == "intake":  # also serves the Prometheus metrics
+                health, port, extra = Health.HTTP_HEALTHZ, settings.intake_port, (settings.metrics_port,)
             out.append(
-                Component(role.name, role.name, argv, (f"prompt-tasks {role.name}",), health, port=port)
+                Component(
+                    role.name, role.name, argv, (f"prompt-tasks {role.name}",), health,
+                    port=port, extra_ports=extra,
+                )
             )
     return out

@@ -160,8 +160,9 @@ def _launch(settings: Settings, component: Component, report: Reporter) -> Manag
     if pid is not None:
         report(component.name, f"already running (pid {pid})")
         return proc
-    if component.port is not None and port_in_use(component.port, settings.host):
-        raise _fail(settings, component, f"port {settings.host}:{component.port} is already in use", log=False)
+    for port in (component.port, *component.extra_ports):
+        if port is not None and port_in_use(port, settings.host):
+            raise _fail(settings, component, f"port {settings.host}:{port} is already in use", log=False)
     if component.role == "redis":
         write_redis_config(settings, data_dir(settings, "redis"))
     elif component.role == "s3":
