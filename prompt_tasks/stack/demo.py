@@ -148,10 +148,13 @@ def _healthy(run: DemoRun) -> str:
 
 
 def demo_steps() -> list[Step]:
-    """The steps of the demo, in order."""
+    """The steps of the demo, in order (the simulated night: :mod:`prompt_tasks.demo_night`)."""
+    from prompt_tasks.demo_night import night_steps
+
     return [
         Step("Bring the stack up", _stack_up),
         Step("Put a test object into the raw bucket", _put_object),
         Step("Watch its bucket event arrive", _event_arrives),
         Step("Check the stack's health", _healthy),
+        *night_steps(),
     ]
