@@ -47,6 +47,7 @@ __all__ = [
     "deadline_eta",
     "detector_queue",
     "instrument_detectors",
+    "kwargs_repr",
     "parse_detector_queue",
     "plan_chord",
     "plan_deadline",
@@ -167,8 +168,20 @@ def instrument_detectors(instrument: str) -> list[int]:
     return detectors
 
 
+def kwargs_repr(kwargs: dict[str, Any]) -> str:
+    """A short readable form of a task's keyword arguments (the visit as ``instrument/group``).
+
+    Sent as the message's ``kwargsrepr`` (what Flower and the logs show), it spares Celery a
+    ``saferepr`` of the whole visit for each of a visit's hundreds of messages.
+    """
+    visit = kwargs.get("visit")
+    if isinstance(visit, dict):
+        kwargs = {**kwargs, "visit": f"{visit.get('instrument')}/{visit.get('groupId')}"}
+    return repr(kwargs)
+
+
 def _signature(app: Celery, task: PlannedTask) -> Any:
-    return app.signature(task.name, kwargs=task.kwargs, queue=task.queue)
+    return app.signature(task.name, kwargs=task.kwargs, queue=task.queue, kwargsrepr=kwargs_repr(task.kwargs))
 
 
 def announce(

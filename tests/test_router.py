@@ -16,6 +16,7 @@ from prompt_tasks.router import (
     announce,
     detector_queue,
     instrument_detectors,
+    kwargs_repr,
     parse_detector_queue,
     plan_chord,
     plan_deadline,
@@ -109,3 +110,10 @@ def test_instrument_detectors_from_the_plugin_registry(celery_app: Celery, setti
     assert instrument_detectors("SimCam") == list(range(9))
     announced = announce(celery_app, settings, _visit(instrument="SimCam", startTime=time.time()))
     assert announced.detectors == list(range(9)) and not announced.duplicate
+
+
+def test_kwargs_repr_names_the_visit() -> None:
+    visit = _visit()
+    plan = plan_chord(visit, [7])
+    assert kwargs_repr(plan.chains[0][0].kwargs) == f"{{'visit': 'LSSTCam/{visit.groupId}', 'detector': 7}}"
+    assert kwargs_repr({"instrument": "X", "group": "g"}) == "{'instrument': 'X', 'group': 'g'}"
