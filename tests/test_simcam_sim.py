@@ -177,3 +177,18 @@ def _roundtrip(ccd: object) -> io.BytesIO:
     write_ccd(ccd).writeto(buffer)  # type: ignore[arg-type]
     buffer.seek(0)
     return buffer
+
+
+def test_recovery_score_counts_matches_and_false_detections() -> None:
+    from prompt_tasks.instruments.simcam.recovery import score
+
+    truth_ra, truth_dec = np.array([10.0, 10.01, 10.02]), np.array([0.0, 0.0, 0.0])
+    truth_mag = np.array([20.0, 22.0, 24.5])
+    one_arcsec = 1 / 3600
+    det_ra = np.array([10.0 + 0.3 * one_arcsec, 10.02, 10.5])
+    det_dec = np.array([0.0, 0.2 * one_arcsec, 0.0])
+    result = score(truth_ra, truth_dec, truth_mag, det_ra, det_dec, radius_arcsec=1.0, mag_limit=23.0)
+    assert (result.injected, result.found, result.false) == (2, 1, 1)
+    assert result.completeness == 0.5
+    assert (result + result).injected == 4
+    assert score([], [], [], det_ra, det_dec).false == 3

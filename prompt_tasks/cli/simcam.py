@@ -80,6 +80,13 @@ def central_init(settings: Settings, instrument: str, detectors: int | None, siz
         console.print(f"[green]built: {sum(s.created for s in steps)} items[/green]")
 
 
+def _recovery_cells(recovery: Any) -> tuple[str, str]:
+    """``found/injected`` and false detections, or dashes when unknown."""
+    if recovery is None:
+        return "-", "-"
+    return f"{recovery.found}/{recovery.injected}", str(recovery.false)
+
+
 def _outcomes(record: dict[str, Any]) -> tuple[dict[str, int], int]:
     """Final outcomes per kind, and detectors still running, of a ledger record."""
     summary = record.get("summary") or {}
@@ -157,7 +164,7 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
                            log=console.print, via=via)
     table = Table(title="visits")
     for column in ("#", "group", "band", "ok", "failed", "other", "running", "done after readout (s)",
-                   "transients"):
+                   "transients", "found (r<23)", "false"):
         table.add_column(column, justify="left" if column in ("group", "band") else "right")
     for p in plan:
         record = report.ledger.get(p.index) or {}
@@ -171,8 +178,13 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
         state = "" if p.index in report.announced else " (rejected)"
         table.add_row(str(p.index), p.spec.group + state, p.spec.band, str(ok), str(failed), str(other),
                       str(running), "-" if after is None or not summary else f"{after:.1f}",
-                      str(report.truth.get(p.index, 0)))
+                      str(report.truth.get(p.index, 0)), *_recovery_cells(report.recovery.get(p.index)))
     console.print(table)
+    known = [r for r in report.recovery.values() if r is not None]
+    if known:
+        total = sum(known[1:], known[0])
+        console.print(f"transients (r<23): {total.found}/{total.injected} recovered "
+                      f"({100 * total.completeness:.0f} %), {total.false} false detections")
     console.print(f"{report.put} raws PUT ({report.late_puts} snaps late), {len(report.announced)} visits "
                   f"announced, {len(report.rejected)} rejected")
     if report.rejected:

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -39,6 +39,7 @@ __all__ = [
     "next_visit_body",
     "plan_night",
     "raw_key",
+    "recovered",
     "run_night",
     "tai_now",
 ]
@@ -177,6 +178,8 @@ class NightReport:
     late_puts: int
     ledger: dict[int, dict[str, Any] | None]
     truth: dict[int, int]
+    #: Transients recovered per visit (None: the APDB could not be read).
+    recovery: dict[int, Any] = field(default_factory=dict)
 
 
 def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], detectors: Sequence[int], *,
@@ -252,8 +255,9 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
                 progress.advance(bar_raws, len(futures))
             if event.snap == visit.spec.snaps - 1:
                 raws.pop(event.visit, None)
-        for p in plan:
-            report.truth[p.index] = sum(len(sky.truth(p.spec, det)) for det in detectors)
+        truths = {p.index: {det: sky.truth(p.spec, det) for det in detectors} for p in plan}
+        for index, by_detector in truths.items():
+            report.truth[index] = sum(len(t) for t in by_detector.values())
         end = time.monotonic() + wait_s
         pending = set(report.announced)
         while True:
@@ -269,7 +273,32 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
             if not pending or time.monotonic() > end:
                 break
             time.sleep(1.0)
+    for p in plan:
+        report.recovery[p.index] = recovered(settings, config, p.spec, truths[p.index], log)
     return report
+
+
+def recovered(settings: Any, config: SimConfig, spec: VisitSpec, truths: dict[int, Any],
+              log: Callable[[str], None] = print, mag_limit: float = 23.0) -> Any:
+    """Transients of ``spec`` found in the APDB, summed over detectors (None if unreadable)."""
+    from prompt_tasks.central import apdb_config_path
+    from prompt_tasks.instruments.simcam.recovery import Recovery, apdb_sources, score
+
+    path = apdb_config_path(settings)
+    if not path.exists():
+        return None
+    total = Recovery(0, 0, 0)
+    for det, truth in truths.items():
+        region = config.focal_plane.footprint(det, spec.ra, spec.dec, spec.camera_angle)
+        try:
+            found = apdb_sources(str(path), region, spec.visit, det, spec.time())
+        except Exception as exc:  # noqa: BLE001 - a report must not fail the night
+            log(f"APDB read for {spec.group} detector {det}: {exc}")
+            return None
+        det_ra = [] if found is None else found["ra"].to_numpy()
+        det_dec = [] if found is None else found["dec"].to_numpy()
+        total = total + score(truth["ra"], truth["dec"], truth["mag"], det_ra, det_dec, mag_limit=mag_limit)
+    return total
 
 
 def _json(body: dict[str, Any]) -> str:
