@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +37,10 @@ def test_every_worker_role_answers_ping(fleet: Fleet, workers: list[str]) -> Non
         deadline = time.monotonic() + 120
         nodes: set[str] = set()
         while time.monotonic() < deadline and len(nodes) < len(CELERY_ROLES):
-            out = fleet.exec(probe, "celery", "-A", "prompt_tasks", "inspect", "ping", "--json", "--timeout=5")
+            try:
+                out = fleet.exec(probe, "celery", "-A", "prompt_tasks", "inspect", "ping", "--json", "--timeout=5")
+            except subprocess.CalledProcessError:  # no node replied yet
+                continue
             nodes = {name.split("@")[0].split("-")[0] for name in json.loads(out.splitlines()[-1])}
         assert nodes == set(CELERY_ROLES)
     finally:
