@@ -135,3 +135,12 @@ def test_plugin_is_found_by_name() -> None:
     assert plugin.pipelines_dir.name == "pipelines"
     with pytest.raises(LookupError):
         load_plugin("NoSuchCam")
+
+
+def test_module_level_footprint_uses_the_default_plane() -> None:
+    from prompt_tasks.instruments.simcam.geometry import footprint
+
+    assert footprint(4, 0.0, 0.0, 0.0).contains(_point(0.0, 0.0))
+    small = FocalPlane(9, 64)
+    assert footprint(4, 0.0, 0.0, 0.0, focal_plane=small).getBoundingCircle().getOpeningAngle().asDegrees() < \
+        footprint(4, 0.0, 0.0, 0.0).getBoundingCircle().getOpeningAngle().asDegrees()

@@ -33,6 +33,7 @@ __all__ = [
     "DetectorGeometry",
     "FocalPlane",
     "band_of",
+    "footprint",
     "physical_filter",
     "sky_to_tangent",
     "tangent_to_sky",
@@ -247,3 +248,9 @@ class FocalPlane:
         us, vs = np.array([u0, u1, u1, u0]), np.array([v0, v0, v1, v1])
         xi, eta = _sky_matrix(camera_angle) @ np.vstack([us, vs]) / 3600.0
         return _polygon(*tangent_to_sky(xi, eta, ra, dec))
+
+
+def footprint(detector: int, ra: float, dec: float, camera_angle: float, pad_deg: float = 0.0,
+              focal_plane: FocalPlane | None = None) -> ConvexPolygon:
+    """The predicted sky footprint of ``detector`` (default focal plane: 9 detectors of 512²)."""
+    return (focal_plane or FocalPlane()).footprint(detector, ra, dec, camera_angle, pad_deg)
