@@ -12,7 +12,9 @@ loop survives garbage and Redis restarts.
 Raws whose key scheme keeps the group in a sidecar (LSSTCam) are resolved by reading the
 sidecar; an image whose sidecar is not there yet is parked until the sidecar's own event.
 A calibration exposure (bias, dark, flat...) arriving with no announced visit starts the
-raw-calibration route by sending the task :data:`CALIB_TASK` by name.
+raw-calibration route by sending the task :data:`CALIB_TASK` by name. The image type comes
+from the key's file name, the sidecar, or else the raw's FITS header (one ranged GET, made
+only for raws of no announced visit, after the arrival is indexed and its waiter woken).
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ __all__ = [
     "COUNTERS",
     "COUNTERS_KEY",
     "DEFAULT_INSTRUMENTS",
+    "HEADER_BYTES",
     "Dispatcher",
     "calib_type_of",
     "counters",
     "dispatcher_for",
+    "fits_header",
     "known_instruments",
+    "s3_header_reader",
     "s3_sidecar_reader",
     "should_start_calib",
     "use_plugin_schemes",
@@ -171,6 +176,61 @@ def s3_sidecar_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] |
     return read
 
 
+#: Bytes read from the start of a raw to find its primary header (four FITS blocks).
+HEADER_BYTES = 4 * 2880
+
+
+def fits_header(data: bytes) -> dict[str, Any]:
+    """The keyword values of the FITS primary header at the start of ``data`` (pure).
+
+    Reads 80-character cards up to ``END`` or the end of ``data``; string values are
+    unquoted, numbers converted, anything else kept as text. Not FITS: an empty dict.
+    """
+    if not data.startswith(b"SIMPLE  ="):
+        return {}
+    out: dict[str, Any] = {}
+    for start in range(0, len(data) - 79, 80):
+        card = data[start:start + 80].decode("ascii", errors="replace")
+        name = card[:8].strip()
+        if name == "END":
+            break
+        if card[8:10] != "= " or not name:
+            continue
+        text = card[10:].strip()
+        if text.startswith("'"):
+            out[name] = text[1:].split("'", 1)[0].rstrip()
+            continue
+        text = text.split("/", 1)[0].strip()
+        try:
+            out[name] = int(text)
+        except ValueError:
+            try:
+                out[name] = float(text)
+            except ValueError:
+                out[name] = text
+    return out
+
+
+def s3_header_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] | None]:
+    """A function ``(bucket, key) -> FITS primary header or None`` (one ranged GET)."""
+    from minio.error import MinioException
+
+    def read(bucket: str, key: str) -> Mapping[str, Any] | None:
+        try:
+            response = client.get_object(bucket, key, offset=0, length=HEADER_BYTES)
+            try:
+                data = response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        except (MinioException, OSError) as exc:
+            log.warning("header of %s/%s not readable: %s", bucket, key, exc)
+            return None
+        return fits_header(data) or None
+
+    return read
+
+
 def _pending_key(bucket: str, sidecar_key: str) -> str:
     return f"pending-sidecar:{bucket}:{sidecar_key}"
 
@@ -194,6 +254,9 @@ class Dispatcher:
         Instrument names whose raws are indexed.
     read_sidecar
         ``(bucket, key) -> dict | None``; needed only for sidecar key schemes.
+    read_header
+        ``(bucket, key) -> FITS primary header | None``; read only for raws of no announced
+        visit whose key and sidecar do not say their image type.
     send_task
         ``Celery.send_task`` of the app that starts the calibration route (None: not started).
     ttl_s
@@ -204,6 +267,7 @@ class Dispatcher:
     event_list: str
     known: frozenset[str] = DEFAULT_INSTRUMENTS
     read_sidecar: Callable[[str, str], Mapping[str, Any] | None] = lambda bucket, key: None
+    read_header: Callable[[str, str], Mapping[str, Any] | None] = lambda bucket, key: None
     send_task: Callable[..., Any] | None = None
     ttl_s: int = DEFAULT_TTL_S
     _recover: bool = field(default=True, repr=False)
@@ -268,11 +332,15 @@ class Dispatcher:
             log.info("duplicate event for %s", event.key)
             return "duplicate"
         log.debug("indexed %s as %s", event.key, snap)
+        # The waiter is already woken; what follows only concerns raws of no announced visit.
+        if visit_announced(self.redis, snap.instrument, snap.group):
+            return "ok"
         calib_type = calib_type_of(snap, header)
-        if calib_type is not None and should_start_calib(
-            calib_type, visit_announced(self.redis, snap.instrument, snap.group)
-        ):
-            self._start_calib(event, snap, calib_type)
+        if calib_type is None and header is None:
+            header = self.read_header(event.bucket, event.key)
+            calib_type = calib_type_of(snap, header)
+        if should_start_calib(calib_type, announced=False):
+            self._start_calib(event, snap, calib_type or "")
         return "ok"
 
     def _start_calib(self, event: ObjectEvent, snap: SnapKey, calib_type: str) -> None:
@@ -405,6 +473,7 @@ def dispatcher_for(ctx: Context, known: frozenset[str] | None = None, celery_app
         event_list=ctx.settings.event_list,
         known=known,
         read_sidecar=s3_sidecar_reader(ctx.s3),
+        read_header=s3_header_reader(ctx.s3),
         send_task=None if celery_app is None else celery_app.send_task,
         ttl_s=ctx.settings.arrival_ttl_s,
     )

@@ -25,6 +25,7 @@ from prompt_tasks.dispatcher import (
     calib_type_of,
     counters,
     dispatcher_for,
+    fits_header,
     known_instruments,
     should_start_calib,
     use_plugin_schemes,
@@ -177,6 +178,7 @@ def test_unfinished_bodies_are_recovered(ctx: Context, dispatcher: Dispatcher) -
 
 def test_burst_of_10000_is_drained_without_loss(ctx: Context, dispatcher: Dispatcher) -> None:
     group = _group()
+    ctx.redis.hset(f"visit:SimCam:{group}", "state", "announced")  # the raws of an announced visit
     bodies = [_body(f"SimCam/{d}/{group}/{s}/raw.fits") for d in range(100) for s in range(100)]
     pipe = ctx.redis.pipeline(transaction=False)
     for start in range(0, len(bodies), 1000):
@@ -264,3 +266,34 @@ def test_dispatcher_command_runs_until_sigterm(settings: Settings, ctx: Context)
         output, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, output
     assert "dispatcher stopped" in output
+
+
+def _fits(imgtype: str) -> bytes:
+    import numpy as np
+    from astropy.io import fits
+
+    hdu = fits.PrimaryHDU(np.zeros((4, 4), dtype=np.int16))
+    hdu.header["IMGTYPE"] = (imgtype, "image type")
+    hdu.header["EXPTIME"] = 15.5
+    hdu.header["DETECTOR"] = 3
+    out = io.BytesIO()
+    hdu.writeto(out)
+    return out.getvalue()
+
+
+def test_fits_header_parser() -> None:
+    header = fits_header(_fits("DARK"))
+    assert (header["IMGTYPE"], header["EXPTIME"], header["DETECTOR"], header["SIMPLE"]) == ("DARK", 15.5, 3, "T")
+    assert fits_header(b"not fits") == {}
+    assert fits_header(_fits("FLAT")[:200])["BITPIX"] == 16  # a truncated header still gives its cards
+
+
+def test_calibration_known_from_the_fits_header(ctx: Context, dispatcher: Dispatcher, settings: Settings) -> None:
+    group = _group()
+    dark = format_key("SimCam", 4, group, 0, "raw.fits")
+    _put(ctx, dark, _fits("DARK"))
+    _put(ctx, format_key("SimCam", 5, group, 0, "raw.fits"), _fits("OBJECT"))
+    for _ in range(2):
+        assert dispatcher.step(block_s=10)
+    (task,) = _queued_tasks(settings, CALIB_QUEUE)
+    assert task["kwargs"]["key"] == dark and task["kwargs"]["calib_type"] == "dark"
