@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis as redis_lib
+import urllib3
 
 from prompt_tasks.arrivals import DEFAULT_TTL_S, record_arrival, visit_announced
 from prompt_tasks.errors import InvalidEvent
@@ -163,7 +164,7 @@ def s3_sidecar_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] |
             finally:
                 response.close()
                 response.release_conn()
-        except (MinioException, OSError) as exc:
+        except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
             log.debug("sidecar %s/%s not readable: %s", bucket, key, exc)
             return None
         try:
@@ -223,7 +224,7 @@ def s3_header_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] | 
             finally:
                 response.close()
                 response.release_conn()
-        except (MinioException, OSError) as exc:
+        except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
             log.warning("header of %s/%s not readable: %s", bucket, key, exc)
             return None
         return fits_header(data) or None
