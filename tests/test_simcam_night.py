@@ -145,3 +145,25 @@ def test_fanout_messages_are_the_string_form(config: SimConfig) -> None:
     assert all(isinstance(v, str) for m in messages for v in m.values())
     parsed = parse_next_visit(messages[1])
     assert parsed.groupId == visit.spec.group and list(parsed.position or []) == [visit.spec.ra, visit.spec.dec]
+
+
+def test_calibration_sequences_come_first(config: SimConfig) -> None:
+    import io
+
+    from astropy.io import fits
+
+    from prompt_tasks.instruments.simcam.raws import simulate_snap
+    from prompt_tasks.instruments.simcam.translator import records_from_header
+
+    plan = plan_night(config, 2, START, cadence=32.0, calibs=["bias", "DARK", "flat"])
+    assert [p.spec.imgtype for p in plan] == ["BIAS", "DARK", "FLAT", "OBJECT", "OBJECT"]
+    assert [p.spec.survey for p in plan[:3]] == ["CALIB-BIAS", "CALIB-DARK", "CALIB-FLAT"]
+    assert [p.spec.start for p in plan] == [START + 32.0 * k for k in range(5)]
+    body = next_visit_body(plan[1])
+    assert body["coordinateSystem"] == 1 and body["dome"] == 1 and body["nimages"] == 1
+    header = fits.getheader(io.BytesIO(simulate_snap(config, plan[1].spec, 0, 0)))
+    assert header["IMGTYPE"] == "DARK" and header["EXPTIME"] == 30.0 and header["GROUPID"] == plan[1].spec.group
+    records = records_from_header(header)
+    assert records["exposure"][0]["id"] == plan[1].spec.exposure(0) and "visit" not in records
+    with pytest.raises(ValueError):
+        plan_night(config, 1, START, calibs=["skyflat"])

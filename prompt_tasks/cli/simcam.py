@@ -114,13 +114,15 @@ def _outcomes(record: dict[str, Any]) -> tuple[dict[str, int], int]:
 @click.option("--bands", default=None, help="Bands to cycle through, e.g. 'gri' [default: the repo's].")
 @click.option("--start-in", type=float, default=1.0, show_default=True,
               help="Seconds from now to the first next_visit.")
+@click.option("--calibs", default="", metavar="TYPES",
+              help="Calibration exposures to take first, e.g. 'bias,dark,flat' (survey CALIB-<TYPE>).")
 @click.option("--via", type=click.Choice(["http", "stream"]), default="http", show_default=True,
               help="Announce by POST to the intake, or per detector on the fan-out stream.")
 @click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
               help="Seconds to wait after the last raw for the visits' summaries.")
 @pass_settings
 def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int, cadence: float, lead: float,
-             exptime: float, bands: str | None, start_in: float, via: str, wait_s: float) -> None:
+             exptime: float, bands: str | None, start_in: float, calibs: str, via: str, wait_s: float) -> None:
     """Drive a running stack as the summit would: next_visit, then raws on schedule."""
     from lsst.daf.butler import Butler
     from rich.progress import Progress
@@ -150,22 +152,23 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
         sys.exit(1)
     try:
         plan = plan_night(config, visits, tai_now() + start_in + lead, cadence=cadence, lead=lead, snaps=snaps,
-                          exptime=exptime, bands=tuple(bands) if bands else None)
+                          exptime=exptime, bands=tuple(bands) if bands else None,
+                          calibs=[c.strip() for c in calibs.split(",") if c.strip()])
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         sys.exit(1)
     if via == "http" and n != 9:
         console.print("[yellow]next_visit over HTTP: the stack processes the instrument's default detectors; "
                       "use --via stream to process exactly these[/yellow]")
-    console.print(f"{visits} visits x {n} detectors x {snaps} snaps, cadence {cadence} s, lead {lead} s, "
+    console.print(f"{len(plan) - visits} calibration exposures, then {visits} visits x {n} detectors x {snaps} snaps, cadence {cadence} s, lead {lead} s, "
                   f"first group {plan[0].spec.group}")
     with Progress(console=console) as progress:
         report = run_night(settings, config, plan, list(range(n)), progress=progress, wait_s=wait_s,
                            log=console.print, via=via)
     table = Table(title="visits")
-    for column in ("#", "group", "band", "ok", "failed", "other", "running", "done after readout (s)",
+    for column in ("#", "group", "band/type", "ok", "failed", "other", "running", "done after readout (s)",
                    "transients", "found (r<23)", "false"):
-        table.add_column(column, justify="left" if column in ("group", "band") else "right")
+        table.add_column(column, justify="left" if column in ("group", "band/type") else "right")
     for p in plan:
         record = report.ledger.get(p.index) or {}
         summary = record.get("summary") or {}
@@ -176,7 +179,8 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
         # The ledger's clock is UTC; the visit's times are TAI.
         after = None if last is None else float(last) + TAI_MINUS_UTC - (p.spec.start + p.spec.duration)
         state = "" if p.index in report.announced else " (rejected)"
-        table.add_row(str(p.index), p.spec.group + state, p.spec.band, str(ok), str(failed), str(other),
+        kind = p.spec.band if p.spec.imgtype == "OBJECT" else p.spec.imgtype.lower()
+        table.add_row(str(p.index), p.spec.group + state, kind, str(ok), str(failed), str(other),
                       str(running), "-" if after is None or not summary else f"{after:.1f}",
                       str(report.truth.get(p.index, 0)), *_recovery_cells(report.recovery.get(p.index)))
     console.print(table)

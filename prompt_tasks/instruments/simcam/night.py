@@ -27,6 +27,7 @@ import numpy as np
 
 from prompt_tasks.instruments.simcam.config import SimConfig
 from prompt_tasks.instruments.simcam.geometry import physical_filter
+from prompt_tasks.instruments.simcam.raws import CALIBRATION_EXPTIME
 from prompt_tasks.instruments.simcam.visits import READOUT_S, VisitSpec
 
 __all__ = [
@@ -82,8 +83,11 @@ class Event:
 
 def plan_night(config: SimConfig, n_visits: int, start: float, *, cadence: float = 32.0, lead: float = 20.0,
                snaps: int = 2, exptime: float = 15.0, bands: Sequence[str] | None = None,
-               survey: str = "SIMSURVEY") -> list[PlannedVisit]:
+               survey: str = "SIMSURVEY", calibs: Sequence[str] = ()) -> list[PlannedVisit]:
     """The visits of a night starting at ``start`` (TAI unix s of the first shutter opening).
+
+    ``calibs`` (``BIAS``, ``DARK``, ``FLAT``) come first, one single-exposure group each, with
+    survey ``CALIB-<TYPE>`` (what the pipeline selection sends to calibration verification).
 
     Raises
     ------
@@ -99,6 +103,18 @@ def plan_night(config: SimConfig, n_visits: int, start: float, *, cadence: float
     bands = tuple(bands or config.bands)
     rng = np.random.default_rng([config.seed, 5_000_000, int(start)])
     plan = []
+    for k, imgtype in enumerate(t.upper() for t in calibs):
+        calib_exptime = CALIBRATION_EXPTIME.get(imgtype)
+        if calib_exptime is None:
+            raise ValueError(f"unknown calibration type {imgtype!r}")
+        if cadence < calib_exptime + READOUT_S:
+            raise ValueError(f"cadence {cadence} s is shorter than a {imgtype} exposure")
+        begin = round(start + k * cadence, 3)
+        spec = VisitSpec(start=begin, ra=config.field_ra, dec=config.field_dec, camera_angle=0.0,
+                         physical_filter=physical_filter(bands[0]), snaps=1, exptime=calib_exptime,
+                         survey=f"CALIB-{imgtype}", target=imgtype.lower(), imgtype=imgtype)
+        plan.append(PlannedVisit(len(plan), spec, begin - lead))
+    start += len(plan) * cadence
     for k in range(n_visits):
         radius = config.field_radius * math.sqrt((k + 0.5) / max(n_visits, 1))
         theta = k * _GOLDEN_ANGLE
@@ -110,7 +126,7 @@ def plan_night(config: SimConfig, n_visits: int, start: float, *, cadence: float
             physical_filter=physical_filter(bands[(k // FILTER_BLOCK) % len(bands)]), snaps=snaps,
             exptime=exptime, seeing=float(rng.uniform(0.6, 1.2)), survey=survey,
         )
-        plan.append(PlannedVisit(k, spec, begin - lead))
+        plan.append(PlannedVisit(len(plan), spec, begin - lead))
     return plan
 
 
@@ -124,17 +140,18 @@ def events_of(plan: Sequence[PlannedVisit]) -> list[Event]:
 def next_visit_body(visit: PlannedVisit, instrument: str = "SimCam", sal_index: int = 2) -> dict[str, Any]:
     """The ``next_visit`` event of ``visit``, in the summit's JSON form."""
     spec = visit.spec
+    on_sky = spec.imgtype == "OBJECT"
     return {
         "salIndex": sal_index,
         "scriptSalIndex": 100000 + visit.index,
         "groupId": spec.group,
-        "coordinateSystem": 2,
-        "position": [spec.ra, spec.dec],
+        "coordinateSystem": 2 if on_sky else 1,
+        "position": [spec.ra, spec.dec] if on_sky else [0.0, 0.0],
         "startTime": spec.start,
-        "rotationSystem": 2,
+        "rotationSystem": 2 if on_sky else 1,
         "cameraAngle": spec.camera_angle,
         "filters": spec.physical_filter,
-        "dome": 2,
+        "dome": 2 if on_sky else 1,
         "duration": spec.duration,
         "nimages": spec.snaps,
         "instrument": instrument,
@@ -255,7 +272,8 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
                 progress.advance(bar_raws, len(futures))
             if event.snap == visit.spec.snaps - 1:
                 raws.pop(event.visit, None)
-        truths = {p.index: {det: sky.truth(p.spec, det) for det in detectors} for p in plan}
+        truths = {p.index: {det: sky.truth(p.spec, det) for det in detectors}
+                  for p in plan if p.spec.imgtype == "OBJECT"}
         for index, by_detector in truths.items():
             report.truth[index] = sum(len(t) for t in by_detector.values())
         end = time.monotonic() + wait_s
@@ -273,8 +291,8 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
             if not pending or time.monotonic() > end:
                 break
             time.sleep(1.0)
-    for p in plan:
-        report.recovery[p.index] = recovered(settings, config, p.spec, truths[p.index], log)
+    for index, truth in truths.items():
+        report.recovery[index] = recovered(settings, config, by_index[index].spec, truth, log)
     return report
 
 

@@ -41,6 +41,7 @@ from prompt_tasks.instruments.simcam.visits import (
 )
 
 __all__ = [
+    "CALIBRATION_EXPTIME",
     "CALIBRATION_TYPES",
     "SATURATE_ADU",
     "simulate_calibration",
@@ -51,6 +52,8 @@ __all__ = [
 
 #: Image types of calibration exposures.
 CALIBRATION_TYPES = ("BIAS", "DARK", "FLAT")
+#: Default exposure time of each calibration type (s).
+CALIBRATION_EXPTIME = {"BIAS": 0.0, "DARK": 30.0, "FLAT": 5.0}
 #: Digitiser ceiling (ADU).
 SATURATE_ADU = 65535
 #: Cosmic rays per cm²... per pixel per second, roughly 2 per cm² per minute on 10 µm pixels.
@@ -175,7 +178,11 @@ def _to_bytes(data: np.ndarray, header: fits.Header) -> bytes:
 
 
 def simulate_snap(config: SimConfig, visit: VisitSpec, detector: int, snap: int, sky: Sky | None = None) -> bytes:
-    """The raw FITS bytes of ``detector`` for ``snap`` of ``visit``."""
+    """The raw FITS bytes of ``detector`` for ``snap`` of ``visit`` (calibrations too)."""
+    if visit.imgtype != "OBJECT":
+        return simulate_calibration(config, visit.imgtype, visit.snap_begin(snap), detector,
+                                    visit.physical_filter, exptime=visit.exptime, snap=snap,
+                                    nsnaps=visit.snaps, group_start=visit.start)
     sky = sky or Sky(config)
     plane = config.focal_plane
     start = visit.snap_begin(snap)
@@ -216,14 +223,19 @@ def simulate_visit(config: SimConfig, visit: VisitSpec, detectors: Iterable[int]
 
 def simulate_calibration(config: SimConfig, imgtype: str, start: float, detector: int,
                          physical_filter: str = "SimCam-r", exptime: float | None = None,
-                         level_e: float = 20000.0) -> bytes:
-    """A raw calibration exposure (``BIAS``, ``DARK`` or ``FLAT``) starting at ``start``."""
+                         level_e: float = 20000.0, snap: int = 0, nsnaps: int = 1,
+                         group_start: float | None = None) -> bytes:
+    """A raw calibration exposure (``BIAS``, ``DARK`` or ``FLAT``) starting at ``start``.
+
+    ``snap`` of ``nsnaps`` in the group starting at ``group_start`` (default: ``start``).
+    """
     imgtype = imgtype.upper()
     if imgtype not in CALIBRATION_TYPES:
         raise ValueError(f"{imgtype!r} is not one of {CALIBRATION_TYPES}")
-    exptime = {"BIAS": 0.0, "DARK": 30.0, "FLAT": 5.0}[imgtype] if exptime is None else exptime
-    header = snap_header(config, detector=detector, start=start, snap=0, nsnaps=1, exptime=exptime,
-                         imgtype=imgtype, physical_filter=physical_filter, ra=0.0, dec=-90.0, camera_angle=0.0)
+    exptime = CALIBRATION_EXPTIME[imgtype] if exptime is None else exptime
+    header = snap_header(config, detector=detector, start=start, snap=snap, nsnaps=nsnaps, exptime=exptime,
+                         imgtype=imgtype, physical_filter=physical_filter, ra=0.0, dec=-90.0, camera_angle=0.0,
+                         group_start=group_start)
     exp_id = int(header["EXPID"])
     rng = _snap_rng(config, exp_id, detector)
     shape = (config.size, config.size)

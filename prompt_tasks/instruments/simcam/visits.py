@@ -102,10 +102,14 @@ class VisitSpec:
     seeing: float = 0.8
     survey: str = "SIMSURVEY"
     target: str = "simfield"
+    #: ``OBJECT`` for science, else ``BIAS``, ``DARK`` or ``FLAT``.
+    imgtype: str = "OBJECT"
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         band_of(self.physical_filter)
+        if self.imgtype not in ("OBJECT", "BIAS", "DARK", "FLAT"):
+            raise ValueError(f"unknown image type {self.imgtype!r}")
         if not 1 <= self.snaps <= MAX_SNAPS:
             raise ValueError(f"a SimCam visit has 1..{MAX_SNAPS} snaps, not {self.snaps}")
 
