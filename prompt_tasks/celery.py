@@ -36,9 +36,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A task running when the broker connection drops finishes (its ack is lost with the
+        # connection; the message comes back after the visibility timeout: stages are idempotent).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": broker_transport_options(settings),
+        # kombu's Redis transport, made to survive a Redis restart (see prompt_tasks.brokers)
+        "broker_transport": _broker_transport(settings),
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "result_expires": 24 * 3600,
         "task_track_started": True,
@@ -73,6 +78,15 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 10,
     }
+
+
+def _broker_transport(settings: Settings) -> str | None:
+    """Our Redis transport for ``redis://`` brokers; None (the URL's own) for any other."""
+    if settings.broker.startswith(("redis://", "rediss://")):
+        from prompt_tasks.brokers import TRANSPORT
+
+        return TRANSPORT
+    return None
 
 
 def create_app(settings: Settings | None = None) -> Celery:

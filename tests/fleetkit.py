@@ -128,6 +128,12 @@ class Fleet:
         self._spawn("aux", argv)
         return node
 
+    def role(self, role: str) -> str:
+        """Start the worker of ``role`` with the project's own command (``prompt-tasks worker``)."""
+        script = Path(sys.executable).parent / "prompt-tasks"
+        self._spawn(role, [str(script), "worker", role, "--loglevel", "WARNING"])
+        return f"{role}@"
+
     def dispatcher(self) -> None:
         """Start the bucket-event dispatcher process."""
         script = Path(sys.executable).parent / "prompt-tasks"

@@ -228,8 +228,13 @@ def test_pool_child_killed_and_memory_limit(stack: Stack) -> None:
 def test_redis_restart_mid_night(stack: Stack) -> None:
     stack.settings = stack.settings.model_copy(update={"deadline_margin_s": 20.0})
     stack.fleet.settings = stack.settings
-    _aux_and_detectors(stack, 1, queues=QUEUES)
+    # the production roles: waits on gevent, summaries on prefork, a prefork compute worker
+    stack.fleet.role("wait")
+    stack.fleet.role("summary")
+    stack.fleet.detector(1, queues=QUEUES)
     stack.fleet.dispatcher()
+    wait_until(lambda: node_alive(stack.app, "wait@") and node_alive(stack.app, "summary@")
+               and node_alive(stack.app, "detector-1@"), 120, "workers up")
     # in flight across the restart: announced, waiting for snaps due in a few seconds
     before = make_visit(INSTRUMENT, nimages=1, duration=8.0)
     announce(stack.app, stack.settings, before, detectors=DETECTORS)
