@@ -9,7 +9,9 @@ publishes nothing) and publishes
   ``prepare_repo → wait_for_snap → ingest → run_pipeline`` with the queue set on *every*
   signature (a queue set on a chain routes only its first task): detector stages on
   ``detector.<instrument>.<NNN>``, the wait on ``wait``; its callback ``summarize_visit`` runs
-  on ``summary``;
+  on ``summary``. The first three stages ignore their results (the next stage gets them in
+  the message; the ledger records progress), so only ``run_pipeline`` writes to the result
+  backend, as the chord needs;
 - ``visit_deadline`` on ``summary``, due at the visit's expected end plus
   ``deadline_margin_s``: it writes the summary from the ledger if the chord has not (a lost
   message or an unconsumed queue must not leave a visit pending forever).
@@ -68,11 +70,14 @@ DEADLINE_TASK = "prompt_tasks.visit_deadline"
 
 @dataclass(frozen=True)
 class PlannedTask:
-    """One signature to publish: task name, queue and keyword arguments."""
+    """One signature to publish: task name, queue, keyword arguments and message options."""
 
     name: str
     queue: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Extra message options (``ignore_result`` for the stages whose result only the next
+    #: stage needs: no result-backend write, no result subscription for them).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,13 @@ def plan_chord(visit: NextVisit, detectors: Iterable[int]) -> ChordPlan:
     """The chord of ``visit`` over ``detectors`` (sorted, duplicates dropped)."""
     payload = visit.without_detector().to_json_dict()
     chains = []
+    last = len(DETECTOR_CHAIN) - 1
     for det in sorted({int(d) for d in detectors}):
         own = detector_queue(visit.instrument, det)
         chains.append([
-            PlannedTask(name, own if on_detector_queue else WAIT_QUEUE, {"visit": payload, "detector": det})
-            for name, on_detector_queue in DETECTOR_CHAIN
+            PlannedTask(name, own if on_detector_queue else WAIT_QUEUE, {"visit": payload, "detector": det},
+                        {} if step == last else {"ignore_result": True})
+            for step, (name, on_detector_queue) in enumerate(DETECTOR_CHAIN)
         ])
     callback = PlannedTask(SUMMARY_TASK, SUMMARY_QUEUE, {"instrument": visit.instrument, "group": visit.groupId})
     return ChordPlan(chains, callback)
@@ -181,7 +188,8 @@ def kwargs_repr(kwargs: dict[str, Any]) -> str:
 
 
 def _signature(app: Celery, task: PlannedTask) -> Any:
-    return app.signature(task.name, kwargs=task.kwargs, queue=task.queue, kwargsrepr=kwargs_repr(task.kwargs))
+    return app.signature(task.name, kwargs=task.kwargs, queue=task.queue, kwargsrepr=kwargs_repr(task.kwargs),
+                         **task.options)
 
 
 def announce(
@@ -202,7 +210,6 @@ def announce(
         Unknown instrument (with no detectors given), or an empty detector list.
     """
     from celery import chain, chord
-    from celery.result import denied_join_result
 
     ctx = settings_or_ctx if isinstance(settings_or_ctx, Context) else Context(settings_or_ctx)
     own_ctx = ctx is not settings_or_ctx
@@ -222,9 +229,7 @@ def announce(
         try:
             plan = plan_chord(visit, chosen)
             header = [chain(*[_signature(app, task) for task in planned]) for planned in plan.chains]
-            # One producer for every message; and no result subscriptions: the router never
-            # waits for these results (a Redis backend would otherwise SUBSCRIBE per task).
-            with app.producer_or_acquire() as producer, denied_join_result():
+            with app.producer_or_acquire() as producer:  # one producer for every message
                 result = chord(header, _signature(app, plan.callback)).apply_async(producer=producer)
                 _signature(app, deadline_task).apply_async(countdown=countdown, producer=producer)
         except Exception:

@@ -52,6 +52,8 @@ def test_plan_chord_sets_a_queue_on_every_signature() -> None:
                          "prompt_tasks.ingest", "prompt_tasks.run_pipeline"]
         own = f"detector.LSSTCam.{det:03d}"
         assert [task.queue for task in chain] == [own, WAIT_QUEUE, own, own]
+        # only the last stage's result goes to the result backend (the chord needs it)
+        assert [task.options.get("ignore_result", False) for task in chain] == [True, True, True, False]
         for task in chain:
             assert task.kwargs["detector"] == det
             assert task.kwargs["visit"]["groupId"] == visit.groupId
