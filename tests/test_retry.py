@@ -1,0 +1,193 @@
+"""Retry policy: which errors are transient, the backoff, the redelivery cap, through a real worker."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, Task, shared_task
+from celery.contrib.testing.worker import start_worker
+
+from prompt_tasks import retry
+from prompt_tasks.celery import broker_transport_options, celery_config
+from prompt_tasks.errors import BadRaw, PermanentError, RetryLater
+from prompt_tasks.metrics import read_counters
+from prompt_tasks.settings import Settings
+from prompt_tasks.stack.servers import free_port
+from prompt_tasks.stage import POLICIES, StageTask, fault_key, retry_countdown
+from prompt_tasks.status import Outcome, StageStatus
+
+QUEUE = "retry-tests"
+INSTRUMENT = "RetryCam"
+
+
+@shared_task(bind=True, base=StageTask, name="tests.retry.flaky_stage", stage="ingest", chained=False)
+def flaky_stage(self: Task, visit: dict[str, Any], detector: int, dead_port: int) -> StageStatus:
+    """Fails with a real Redis connection error on its first attempt, then succeeds."""
+    if self.request.retries == 0:
+        redis.Redis(host="127.0.0.1", port=dead_port, socket_connect_timeout=0.5).ping()
+    return StageStatus("ingest", Outcome.OK, visit["instrument"], visit["groupId"], detector)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _real_redis_error() -> Exception:
+    try:
+        redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5).ping()
+    except redis.ConnectionError as exc:
+        return exc
+    raise AssertionError("nothing listens there, yet it answered")
+
+
+def _real_s3_error() -> Exception:
+    from minio import Minio
+
+    client = Minio(f"127.0.0.1:{free_port()}", access_key="a", secret_key="b", secure=False)
+    client._http.connection_pool_kw["retries"] = 0  # type: ignore[attr-defined]
+    try:
+        client.bucket_exists("raws")
+    except Exception as exc:  # noqa: BLE001 - whatever urllib3 raises is what we classify
+        return exc
+    raise AssertionError("nothing listens there, yet it answered")
+
+
+def _real_registry_error() -> Exception:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"postgresql+psycopg2://u:p@127.0.0.1:{free_port()}/db",
+                                      connect_args={"connect_timeout": 2})
+    try:
+        engine.connect()
+    except sqlalchemy.exc.OperationalError as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError("nothing listens there, yet it answered")
+
+
+def test_connection_errors_of_every_client_are_transient() -> None:
+    from kombu.exceptions import OperationalError
+    from minio.error import ServerError
+
+    for exc in (_real_redis_error(), _real_s3_error(), _real_registry_error(),
+                OperationalError("broker gone"), ServerError("slow down", 503), TimeoutError("t"),
+                RetryLater("later")):
+        assert retry.is_transient(exc), repr(exc)
+        assert isinstance(retry.as_retry(exc), RetryLater)
+
+
+def test_a_wrapped_transient_error_is_transient() -> None:
+    try:
+        try:
+            raise _real_redis_error()
+        except redis.ConnectionError as inner:
+            raise RuntimeError("preload failed") from inner
+    except RuntimeError as outer:
+        assert retry.is_transient(outer)
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    from minio.error import ServerError
+
+    for exc in (PermanentError("bad"), BadRaw("truncated"), ValueError("x"), KeyError("k"),
+                ServerError("not found", 404)):
+        assert not retry.is_transient(exc), repr(exc)
+        assert retry.as_retry(exc) is None
+    try:  # a permanent error caused by a transient one is still permanent
+        raise BadRaw("header unreadable") from _real_redis_error()
+    except BadRaw as exc:
+        assert not retry.is_transient(exc)
+
+
+def test_backoff_grows_is_jittered_and_capped() -> None:
+    policy = retry.RetryPolicy(base_s=1.0, cap_s=10.0, jitter=(0.8, 1.2))
+    rng = random.Random(8)
+    for attempt, base in enumerate((1.0, 2.0, 4.0, 8.0)):
+        for _ in range(50):
+            assert 0.8 * base <= retry.backoff(attempt, policy, rng=rng) <= min(10.0, 1.2 * base)
+    assert all(retry.backoff(20, policy, rng=rng) <= 10.0 for _ in range(50))
+    assert retry.backoff(0, policy, hint=0.05, rng=rng) <= 0.06
+    for stage in POLICIES:
+        assert retry_countdown(stage, 0) > 0
+
+
+def test_delivery_counter(rdb: redis.Redis) -> None:
+    assert [retry.count_delivery(rdb, "t1", 0) for _ in range(3)] == [1, 2, 3]
+    assert retry.count_delivery(rdb, "t1", 1) == 1  # a retry is a new attempt
+    assert 0 < rdb.ttl(retry.delivery_key("t1", 0)) <= 24 * 3600
+    assert retry.redelivered_reason(4) == "redelivered 3 times (worker crashed?)"
+
+
+def test_visibility_timeout_covers_the_longest_stage_and_restore_is_tuned(settings: Settings) -> None:
+    assert Settings().visibility_timeout > max(policy.time_limit for policy in POLICIES.values())
+    options = broker_transport_options(settings)
+    assert options["visibility_timeout"] == settings.visibility_timeout
+    assert options["unacked_restore_interval"] == settings.restore_interval_s
+    assert options["unacked_restore_throttle"] == 1
+    config = celery_config(settings)
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["broker_transport"] == "prompt_tasks.brokers:RedisTransport"
+    rabbit = settings.model_copy(update={"broker_url": "amqp://guest:guest@127.0.0.1:5672//"})
+    assert broker_transport_options(rabbit) == {}
+    assert celery_config(rabbit)["broker_transport"] is None
+
+
+# --------------------------------------------------------------------------- a real worker
+
+
+@pytest.fixture
+def worker(celery_app: Celery) -> Iterator[Celery]:
+    with start_worker(celery_app, pool="threads", concurrency=4, queues=[QUEUE], perform_ping_check=False,
+                      hostname="detector-9@retry", shutdown_timeout=30):
+        yield celery_app
+
+
+def _visit(group: str) -> dict[str, Any]:
+    return {"instrument": INSTRUMENT, "groupId": group, "startTime": time.time(), "nimages": 1}
+
+
+def _send(app: Celery, name: str, **kwargs: Any) -> dict[str, Any]:
+    return app.signature(name, kwargs=kwargs, queue=QUEUE).apply_async().get(timeout=60)
+
+
+def test_transient_error_is_retried_then_succeeds(worker: Celery, rdb: redis.Redis) -> None:
+    status = _send(worker, "tests.retry.flaky_stage", visit=_visit("flaky"), detector=1, dead_port=free_port())
+    assert status["outcome"] == "ok", status
+    assert read_counters(rdb, "retries") == {"stage=ingest": 1}
+    assert read_counters(rdb, "outcomes") == {"outcome=ok,stage=ingest": 1}
+
+
+def test_permanent_error_fails_at_once(worker: Celery, rdb: redis.Redis) -> None:
+    rdb.set(fault_key(INSTRUMENT, "bad", 1, "ingest"), "corrupt raw", ex=60)
+    status = _send(worker, "prompt_tasks.ingest", status={"stage": "wait", "outcome": "ok", "instrument": INSTRUMENT,
+                   "group": "bad", "detector": 1}, visit=_visit("bad"), detector=1)
+    assert (status["outcome"], status["code"]) == ("failed", "permanent")
+    assert "corrupt raw" in status["reason"]
+    assert read_counters(rdb, "retries") == {}
+    assert read_counters(rdb, "failures") == {"code=permanent,stage=ingest": 1}
+
+
+def test_persisting_transient_error_gives_up(worker: Celery, rdb: redis.Redis) -> None:
+    rdb.set(fault_key(INSTRUMENT, "down", 1, "prepare"), "retry", ex=60)
+    status = _send(worker, "prompt_tasks.prepare_repo", visit=_visit("down"), detector=1)
+    assert status["outcome"] == "failed"
+    assert status["reason"].startswith(f"gave up after {POLICIES['prepare'].max_retries} retries")
+    assert read_counters(rdb, "retries") == {"stage=prepare": POLICIES["prepare"].max_retries}
+
+
+def test_redelivered_too_often_is_failed_not_run(worker: Celery, rdb: redis.Redis, settings: Settings) -> None:
+    task_id = "crashes-its-worker"
+    for _ in range(settings.max_deliveries):  # as if it had killed its worker that many times
+        retry.count_delivery(rdb, task_id, 0)
+    rdb.set(fault_key(INSTRUMENT, "crashy", 1, "prepare"), "crash", ex=60)  # would run otherwise
+    result = worker.signature("prompt_tasks.prepare_repo", kwargs={"visit": _visit("crashy"), "detector": 1},
+                              queue=QUEUE).apply_async(task_id=task_id)
+    status = result.get(timeout=60)
+    assert (status["outcome"], status["code"]) == ("failed", retry.REDELIVERED_CODE)
+    assert f"redelivered {settings.max_deliveries} times (worker crashed?)" in status["reason"]
+    assert read_counters(rdb, "redeliveries") == {"stage=prepare": 1}
