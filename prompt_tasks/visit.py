@@ -15,6 +15,7 @@ naming the field and the reason.
 from __future__ import annotations
 
 import json
+import re
 from enum import IntEnum
 from typing import Any, Self
 
@@ -43,6 +44,15 @@ __all__ = [
 _INT32_MAX = 2**31 - 1
 #: Longest ``position`` string accepted in the fan-out form.
 _POSITION_TEXT_MAX = 256
+#: Latest ``startTime`` accepted (2100-01-01, unix s): later is garbage, and would overflow
+#: the date arithmetic of the visit's deadline.
+_START_TIME_MAX = 4_102_444_800.0
+#: Longest script ``duration`` accepted (s).
+_DURATION_MAX = 86_400.0
+#: A number written as text, as the fan-out service writes them (no ``1_000``, no hex).
+_NUMBER_TEXT = re.compile(
+    r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*|\s*[+-]?(nan|inf|infinity)\s*", re.IGNORECASE
+)
 
 
 class CoordinateSystem(IntEnum):
@@ -73,6 +83,9 @@ class Dome(IntEnum):
 
 def _enum_value(enum: type[IntEnum], value: Any) -> Any:
     """Accept an enum member, its integer, the integer as a string, or its name."""
+    if isinstance(value, bool):  # pydantic's lax mode would read true as 1
+        names = ", ".join(m.name for m in enum)
+        raise ValueError(f"expected one of {names}, not a boolean")  # noqa: TRY004 (pydantic wants ValueError)
     if isinstance(value, str):
         text = value.strip()
         if text.lstrip("-").isdigit():
@@ -95,12 +108,12 @@ class NextVisit(BaseModel):
     groupId: str = Field(min_length=1, max_length=128, description="Butler group name.")
     coordinateSystem: CoordinateSystem = CoordinateSystem.NONE
     position: tuple[float, float] | None = Field(None, description="[ra, dec] in degrees.")
-    startTime: float = Field(description="Start of the first exposure, TAI unix seconds.", ge=0)
+    startTime: float = Field(description="Start of the first exposure, TAI unix seconds.", ge=0, le=_START_TIME_MAX)
     rotationSystem: RotationSystem = RotationSystem.NONE
     cameraAngle: float = Field(0.0, description="Camera angle, degrees.")
     filters: str = Field("", max_length=64, description="Physical filter; may be empty.")
     dome: Dome = Dome.EITHER
-    duration: float = Field(0.0, ge=0, description="Duration of the whole script, seconds.")
+    duration: float = Field(0.0, ge=0, le=_DURATION_MAX, description="Duration of the whole script, seconds.")
     nimages: int = Field(0, ge=0, le=1000, description="Snaps per detector; 0 = unknown.")
     survey: str = Field("", max_length=128)
     totalCheckpoints: int = Field(0, ge=0, le=_INT32_MAX)
@@ -112,10 +125,12 @@ class NextVisit(BaseModel):
         "totalCheckpoints", "detector", "private_sndStamp", mode="before",
     )
     @classmethod
-    def _not_boolean(cls, value: Any) -> Any:
-        # pydantic's lax mode reads true as 1: a boolean here is a wrong type, not a number.
+    def _plain_number(cls, value: Any) -> Any:
+        # pydantic's lax mode reads true as 1 and "1_0" as 10: neither is a number here.
         if isinstance(value, bool):
             raise ValueError("expected a number, not a boolean")  # noqa: TRY004 (pydantic wants ValueError)
+        if isinstance(value, str) and not _NUMBER_TEXT.fullmatch(value):
+            raise ValueError("expected a number")
         return value
 
     @field_validator("coordinateSystem", mode="before")

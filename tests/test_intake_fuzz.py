@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,10 +82,12 @@ BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     | st.text(max_size=20).map(lambda s: "a b" + s)
     | st.just("")
     | st.text(min_size=129, max_size=500).map(lambda s: "g" * 129 + s),
-    "startTime": not_numbers | non_finite | st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False),
+    "startTime": not_numbers | non_finite | st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False)
+    | st.floats(min_value=4.2e9, allow_nan=False, allow_infinity=False),
     "nimages": not_numbers | st.integers(max_value=-1) | st.integers(min_value=1001)
     | st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not f.is_integer()),
-    "duration": not_numbers | non_finite | st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False),
+    "duration": not_numbers | non_finite | st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False)
+    | st.floats(min_value=86_401, allow_nan=False, allow_infinity=False),
     "cameraAngle": not_numbers | non_finite,
     "salIndex": not_numbers | st.integers(max_value=-1) | st.integers(min_value=2**31),
     "coordinateSystem": st.sampled_from([3, 4, "OBSERVED", "MOUNT", 0, 5, -1, "GALACTIC", 2.5, True, None]),
@@ -99,7 +102,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "filters": not_strings | st.text(min_size=65, max_size=200),
     "survey": not_strings | st.text(min_size=129, max_size=400),
     "detector": st.integers(max_value=-1) | st.integers(min_value=10_000) | st.text(max_size=5).filter(
-        lambda s: not s.strip().isdigit()
+        lambda s: not re.fullmatch(r"\s*[+-]?\d+\s*", s)
     ),
 }
 
