@@ -3,7 +3,8 @@
 One in-process worker (thread pool) consumes the ``wait`` and ``summary`` queues and the
 detector queues of ``ChordCam``; the detector stages are the placeholders, made to fail
 through the fault-injection keys. The module's fixtures never flush Redis while the worker
-runs (that would drop its remote-control bindings): each test uses its own group id.
+runs (that would drop its remote-control bindings): the module has its own private Redis and
+each test its own group id.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from celery.contrib.testing.worker import start_worker
 from prompt_tasks import ledger
 from prompt_tasks.router import announce, detector_queue
 from prompt_tasks.settings import Settings
+from prompt_tasks.stack.servers import redis_binary
 from prompt_tasks.stage import fault_key
 from prompt_tasks.visit import NextVisit
+from tests.servers import missing, private_servers
+from tests.servers import test_settings as private_settings
 
 INSTRUMENT = "ChordCam"
 DETECTORS = list(range(9))
@@ -30,13 +34,18 @@ _groups = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def chord_settings(servers: Settings) -> Settings:
-    client = redis.Redis.from_url(servers.redis_url(0))
-    client.flushall()
-    client.close()
-    _events_redis[:] = [servers.events_redis]
+def chord_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A private Redis for this module alone (no other test can flush it under the worker)."""
+    try:
+        redis_binary()
+    except FileNotFoundError as exc:
+        missing(str(exc))
     # payload "noop": these tests exercise the chord, not the Butler work (ChordCam has no plugin)
-    return servers.model_copy(update={"deadline_margin_s": 2.0, "ledger_ttl_s": 600, "payload": "noop"})
+    settings = private_settings(tmp_path_factory.mktemp("chord"), deadline_margin_s=2.0, ledger_ttl_s=600,
+                             payload="noop")
+    with private_servers(settings, s3=False) as ready:
+        _events_redis[:] = [ready.events_redis]
+        yield ready
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 Three ``prompt-tasks``-style detector workers run as subprocesses (the project's own
 ``detector`` role command line, stopped by the pid we started), an in-process worker serves
 ``wait`` and ``summary``, and a :class:`QueueController` in this process assigns the nine
-``RouteCam`` detector queues. Nothing here flushes Redis while the workers run (that would drop
-their remote-control bindings); each visit has its own group id. Rebalance times are logged,
+``RouteCam`` detector queues. The module has its own private Redis (a flush by another test
+would drop the workers' remote-control bindings); each visit has its own group id. Rebalance times are logged,
 never asserted.
 """
 
@@ -38,8 +38,11 @@ from prompt_tasks.keys import SnapKey, format_key
 from prompt_tasks.router import announce, detector_queue
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
+from prompt_tasks.stack.servers import redis_binary
 from prompt_tasks.stage import fault_key
 from prompt_tasks.visit import NextVisit
+from tests.servers import missing, private_servers
+from tests.servers import test_settings as private_settings
 from workers import ROLES, celery_argv
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,16 @@ _groups = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def route_settings(servers: Settings) -> Settings:
-    client = redis.Redis.from_url(servers.redis_url(0))
-    client.flushall()
-    client.close()
+def route_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A private Redis for this module alone (no other test can flush it under the workers)."""
+    try:
+        redis_binary()
+    except FileNotFoundError as exc:
+        missing(str(exc))
     # payload "noop": these tests exercise routing, not the Butler work (RouteCam has no plugin)
-    return servers.model_copy(update={"ledger_ttl_s": 600, "payload": "noop"})
+    settings = private_settings(tmp_path_factory.mktemp("routing"), ledger_ttl_s=600, payload="noop")
+    with private_servers(settings, s3=False) as ready:
+        yield ready
 
 
 @pytest.fixture(scope="module")
