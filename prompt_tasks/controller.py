@@ -120,6 +120,7 @@ class QueueController:
         self.reply_timeout = reply_timeout
         self.miss_limit = max(int(miss_limit), 1)
         self._missed: dict[str, int] = {}
+        self._unrecorded: dict[str, Any] | None = None
         if queues is None:
             if instruments is None:
                 from prompt_tasks.instruments import known_instruments
@@ -180,6 +181,9 @@ class QueueController:
             cancel, add = plan_actions(desired, observed, self.queues)
             changed = desired != self.assignment or workers != self.workers
             if not (changed or cancel or add):
+                if self._unrecorded is not None:  # Redis was down when it changed
+                    self._record(self._unrecorded)
+                    self._unrecorded = None
                 self.ctx.redis.hset(STATE_KEY, "checked", repr(time.time()))
                 return None
             failures = self._apply(cancel, add)
@@ -195,7 +199,9 @@ class QueueController:
                 "failures": failures,
             }
             self.assignment, self.workers = desired, workers
+            self._unrecorded = event
             self._record(event)
+            self._unrecorded = None
             log.info(
                 "rebalanced %d queues over %d workers in %.3f s (%d moved, +%d -%d)",
                 len(self.queues), len(workers), event["took_s"], len(event["moved"]), len(add), len(cancel),
