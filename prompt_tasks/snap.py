@@ -24,6 +24,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from prompt_tasks.arrivals import (
     Arrival,
     arrivals_for,
@@ -33,7 +36,7 @@ from prompt_tasks.arrivals import (
     wait_state,
     wake_key,
 )
-from prompt_tasks.errors import InvalidEvent
+from prompt_tasks.errors import InvalidEvent, RetryLater
 from prompt_tasks.keys import instrument_of, resolve, scheme_for
 from prompt_tasks.status import Outcome, StageStatus
 
@@ -137,7 +140,8 @@ def wait_for_snaps(
     nimages
         Snaps expected; 0 when unknown.
     expected_end
-        When the visit should be over (``startTime + duration``), Unix seconds.
+        When the visit should be over (``startTime + duration``), Unix seconds (TAI is
+        taken as is: it can only make the wait end up to 37 s late, never early).
     timeout
         Longest wait in seconds from now; default: until ``expected_end + wait_margin_s``.
     quiet_period
@@ -154,6 +158,11 @@ def wait_for_snaps(
         Stage ``wait``; ``data`` has ``snaps`` (snap → key, size, etag, arrival time ``t``),
         ``began``, ``ended``, ``nimages``, ``listed`` (keys found by the timeout listing) and
         ``wakeups``.
+
+    Raises
+    ------
+    RetryLater
+        The events Redis went away (the stage task retries the wait).
     """
     settings = ctx.settings
     redis = ctx.redis
@@ -166,7 +175,6 @@ def wait_for_snaps(
         deadline=began + timeout,
         quiet_period=settings.quiet_period_s if quiet_period is None else quiet_period,
     )
-    wake = wake_key(instrument, group, detector)
     data: dict[str, Any] = {"began": began, "nimages": plan.nimages, "listed": [], "wakeups": 0}
 
     def status(outcome: Outcome, arrivals: dict[int, Arrival], reason: str = "", code: str = "") -> StageStatus:
@@ -174,23 +182,36 @@ def wait_for_snaps(
         data["snaps"] = _snaps_data(arrivals)
         return StageStatus("wait", outcome, instrument, group, detector, reason=reason, code=code, data=data)
 
-    register_waiter(redis, instrument, group, detector, settings.arrival_ttl_s)
     try:
-        while True:
-            state = wait_state(redis, instrument, group, detector)
-            if state.aborted is not None:
-                return status(Outcome.ABORTED, state.arrivals, f"visit aborted: {state.aborted}", "aborted")
-            now = clock()
-            done, look_again = decide(plan, state.arrivals, state.ended, now)
-            if done:
-                return status(Outcome.OK, state.arrivals)
-            if now >= plan.deadline:
-                return _at_timeout(ctx, plan, instrument, group, detector, data, status)
-            block = min(max(look_again - now, 0.01), poll_s)
-            if redis.blpop([wake], timeout=block) is not None:
-                data["wakeups"] += 1
+        register_waiter(redis, instrument, group, detector, settings.arrival_ttl_s)
+        return _wait(ctx, plan, instrument, group, detector, data, status, poll_s, clock)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise RetryLater(f"events Redis unavailable while waiting: {exc}", delay=2.0) from exc
     finally:
-        unregister_waiter(redis, instrument, group, detector)
+        try:
+            unregister_waiter(redis, instrument, group, detector)
+        except (RedisConnectionError, RedisTimeoutError):
+            log.warning("could not unregister the waiter of %s %s %s", instrument, group, detector)
+
+
+def _wait(ctx: Context, plan: WaitPlan, instrument: str, group: str, detector: int, data: dict[str, Any],
+          status: Callable[..., StageStatus], poll_s: float, clock: Callable[[], float]) -> StageStatus:
+    """The loop of :func:`wait_for_snaps`: read the state, decide, block on the wake key."""
+    redis = ctx.redis
+    wake = wake_key(instrument, group, detector)
+    while True:
+        state = wait_state(redis, instrument, group, detector)
+        if state.aborted is not None:
+            return status(Outcome.ABORTED, state.arrivals, f"visit aborted: {state.aborted}", "aborted")
+        now = clock()
+        done, look_again = decide(plan, state.arrivals, state.ended, now)
+        if done:
+            return status(Outcome.OK, state.arrivals)
+        if now >= plan.deadline:
+            return _at_timeout(ctx, plan, instrument, group, detector, data, status)
+        block = min(max(look_again - now, 0.01), poll_s)
+        if redis.blpop([wake], timeout=block) is not None:
+            data["wakeups"] += 1
 
 
 def _at_timeout(ctx: Context, plan: WaitPlan, instrument: str, group: str, detector: int,

@@ -218,3 +218,36 @@ def test_listing_resolves_sidecar_keys(ctx: Context) -> None:
     finally:
         ensure_bucket(ctx.s3, ctx.settings, notify=True)
     assert status.outcome is Outcome.OK and status.data["listed"] == [key]
+
+
+def test_losing_redis_asks_for_a_retry(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from prompt_tasks.errors import RetryLater
+    from prompt_tasks.stack.servers import start_redis, wait_redis
+    from tests.servers import test_settings as private_settings
+
+    assert isinstance(tmp_path, Path)
+    own = private_settings(tmp_path)
+    proc = start_redis(own, tmp_path / "redis", tmp_path / "run")
+    ctx = Context(own)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            wait_for_snaps(ctx, "SimCam", _group(), 1, 1, time.time(), timeout=60, poll_s=0.2)
+        except BaseException as exc:  # noqa: BLE001 - kept for the assertion
+            errors.append(exc)
+
+    try:
+        assert wait_redis(own)
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        proc.stop()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        proc.stop()
+        ctx.close()
+    assert len(errors) == 1 and isinstance(errors[0], RetryLater)
