@@ -182,7 +182,7 @@ def _assert_rejected(response: Any) -> None:
 def test_malformed_bodies_are_rejected_and_nothing_is_enqueued(api: TestClient, rdb: redis.Redis) -> None:
     seen = {"count": 0}
 
-    @hsettings(FUZZ, max_examples=1200)
+    @hsettings(FUZZ, max_examples=1000)
     @given(body=malformed_bodies)
     def throw(body: bytes) -> None:
         seen["count"] += 1
@@ -279,7 +279,7 @@ def test_schemathesis_against_the_spec(api: TestClient, rdb: redis.Redis) -> Non
     )
     statuses: dict[int, int] = {}
 
-    @hsettings(FUZZ, max_examples=200)
+    @hsettings(FUZZ, max_examples=80)
     @given(case=strategy)
     def throw(case: Any) -> None:
         kwargs = case.as_transport_kwargs(base_url="http://testserver")
