@@ -1,0 +1,89 @@
+"""Local repos: one per (instrument, detector), same universe as the central, reused, purged."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from prompt_tasks.context import Context
+from prompt_tasks.localrepo import EXTRAS_KEY, Repos, repos_of
+from prompt_tasks.settings import Settings
+from tests.butlerkit import central_fixture, worker_settings
+
+
+@pytest.fixture(scope="session")
+def central(tmp_path_factory: pytest.TempPathFactory, servers: Settings) -> Settings:
+    return central_fixture(tmp_path_factory, servers)
+
+
+def test_one_repo_per_detector_with_the_central_universe(central: Settings, tmp_path: Path) -> None:
+    repos = Repos(worker_settings(central, tmp_path / "local"))
+    try:
+        local = repos.local("SimCam", 7)
+        assert repos.path_of("SimCam", 7) == tmp_path / "local" / "SimCam" / "007"
+        assert (repos.path_of("SimCam", 7) / "butler.yaml").exists()
+        assert local.dimensions.dimensionConfig == repos.central.dimensions.dimensionConfig
+        assert local.dimensions.version == repos.central.dimensions.version
+        # the instrument is registered and the seed config's storage class is known
+        assert [r.name for r in local.query_dimension_records("instrument", explain=False)] == ["SimCam"]
+        assert local.storageClasses.getStorageClass("CCDImage").pytype.__name__ == "CCDData"
+        assert repos.local("SimCam", 7) is local  # kept open
+        assert repos.is_open("SimCam", 7) and not repos.is_open("SimCam", 8)
+        assert [(i, d) for i, d, _ in repos.existing()] == [("SimCam", 7)]
+    finally:
+        repos.close()
+
+
+def test_reopened_by_another_process_and_purged(central: Settings, tmp_path: Path) -> None:
+    settings = worker_settings(central, tmp_path / "local")
+    first = Repos(settings)
+    try:
+        first.local("SimCam", 2).registry.registerRun("marker/run")
+    finally:
+        first.close()
+    second = Repos(settings)
+    try:
+        assert "marker/run" in list(second.local("SimCam", 2).collections.query("marker/*"))
+        assert second.purge("SimCam", 2)
+        assert not second.path_of("SimCam", 2).exists()
+        assert not second.purge("SimCam", 2)
+        # recreated, empty, at the next use
+        assert list(second.local("SimCam", 2).collections.query("marker/*")) == []
+    finally:
+        second.close()
+
+
+def test_a_half_created_repo_is_recreated(central: Settings, tmp_path: Path) -> None:
+    settings = worker_settings(central, tmp_path / "local")
+    broken = Repos(settings).path_of("SimCam", 1)
+    broken.mkdir(parents=True)
+    (broken / "leftover").write_text("a creation that died half way")
+    repos = Repos(settings)
+    try:
+        repos.local("SimCam", 1)
+        assert not (broken / "leftover").exists()
+    finally:
+        repos.close()
+
+
+def test_concurrent_first_use_creates_once(central: Settings, tmp_path: Path) -> None:
+    settings = worker_settings(central, tmp_path / "local")
+    many = [Repos(settings) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            paths = list(pool.map(lambda r: str(r.local("SimCam", 0)._config.configDir), many))
+        assert len(set(paths)) == 1
+    finally:
+        for repos in many:
+            repos.close()
+
+
+def test_kept_in_the_process_context(central: Settings, tmp_path: Path) -> None:
+    ctx = Context(worker_settings(central, tmp_path / "local"))
+    repos = repos_of(ctx)
+    assert repos_of(ctx) is repos and ctx.extras[EXTRAS_KEY] is repos
+    repos.local("SimCam", 0)
+    ctx.close()  # closes the repos with the context
+    assert not repos.is_open("SimCam", 0)
