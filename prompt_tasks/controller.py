@@ -40,6 +40,7 @@ __all__ = [
     "STATE_KEY",
     "WORKER_PREFIX",
     "QueueController",
+    "adopted_assignment",
     "managed_queues",
     "plan_actions",
     "read_assignment",
@@ -79,6 +80,16 @@ def plan_actions(
         cancel += [(worker, q) for q in sorted(have - want)]
         add += [(worker, q) for q in sorted(want - have)]
     return cancel, add
+
+
+def adopted_assignment(observed: Mapping[str, Iterable[str]], managed: Iterable[str]) -> dict[str, str]:
+    """Queue → worker from what workers consume (a queue consumed twice goes to the first)."""
+    managed = set(managed)
+    owner: dict[str, str] = {}
+    for worker, queues in sorted(observed.items()):
+        for queue in sorted(set(queues) & managed):
+            owner.setdefault(queue, worker)
+    return owner
 
 
 class QueueController:
@@ -121,6 +132,7 @@ class QueueController:
         self.miss_limit = max(int(miss_limit), 1)
         self._missed: dict[str, int] = {}
         self._unrecorded: dict[str, Any] | None = None
+        self._first = True
         if queues is None:
             if instruments is None:
                 from prompt_tasks.instruments import known_instruments
@@ -176,8 +188,14 @@ class QueueController:
             started = time.time()
             observed = self.observe()
             workers = self._live(observed)
-            joined = set(workers) - set(self.workers)
-            desired = affinity.rebalance(self.queues, workers, self.assignment, joined=joined)
+            if self._first:
+                # A restarted controller adopts what the workers consume instead of reshuffling.
+                current: Mapping[str, str] = adopted_assignment(observed, self.queues)
+                joined: set[str] | None = None
+                self._first = False
+            else:
+                current, joined = self.assignment, set(workers) - set(self.workers)
+            desired = affinity.rebalance(self.queues, workers, current, joined=joined)
             cancel, add = plan_actions(desired, observed, self.queues)
             changed = desired != self.assignment or workers != self.workers
             if not (changed or cancel or add):
@@ -193,7 +211,7 @@ class QueueController:
                 "workers": workers,
                 "joined": sorted(set(workers) - set(self.workers)),
                 "left": sorted(set(self.workers) - set(workers)),
-                "moved": [list(move) for move in affinity.moves(self.assignment, desired)],
+                "moved": [list(move) for move in affinity.moves(current, desired)],
                 "added": len(add),
                 "cancelled": len(cancel),
                 "failures": failures,

@@ -30,6 +30,7 @@ from prompt_tasks import ledger
 from prompt_tasks.arrivals import record_arrival
 from prompt_tasks.controller import (
     QueueController,
+    adopted_assignment,
     plan_actions,
     read_assignment,
     read_events,
@@ -274,3 +275,20 @@ def test_soft_time_limit_becomes_a_failed_status(app: Celery, controller: QueueC
     status = signature.apply_async().get(timeout=60)
     assert status["outcome"] == "failed" and status["code"] == "time_limit"
     assert status["data"]["worker"] == controller.assignment[detector_queue(INSTRUMENT, 0)]
+
+
+def test_adopted_assignment() -> None:
+    observed = {"w2": {"q1", "q3", "catchup"}, "w1": {"q1", "q2"}}
+    assert adopted_assignment(observed, ["q1", "q2", "q3"]) == {"q1": "w1", "q2": "w1", "q3": "w2"}
+
+
+def test_a_restarted_controller_moves_nothing(app: Celery, controller: QueueController,
+                                              route_settings: Settings) -> None:
+    _wait_until(lambda: _settled(controller, 3), 120, "a settled fleet")
+    second = QueueController(app, route_settings, queues=QUEUES)
+    try:
+        event = second.tick()
+    finally:
+        second.stop()
+    assert second.assignment == controller.assignment
+    assert event is not None and event["moved"] == [] and (event["added"], event["cancelled"]) == (0, 0)
