@@ -267,6 +267,21 @@ def test_broker_unreachable_is_503(settings: Settings, rdb: redis.Redis) -> None
     assert visits_in_ledger(rdb) == 0
 
 
+def test_redis_unreachable_is_503(settings: Settings, celery_app: Celery, rdb: redis.Redis) -> None:
+    from prompt_tasks.stack.servers import free_port
+
+    cut_off = settings.model_copy(update={"event_redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_api(cut_off, celery_app)) as client:
+        for method, path in (("post", "/next-visit"), ("get", f"/visits/SimCam/{GROUP}"),
+                             ("post", f"/visits/SimCam/{GROUP}/abort")):
+            kwargs: dict[str, Any] = {"json": visit_body()} if path == "/next-visit" else {}
+            response = getattr(client, method)(path, **kwargs)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["code"] == "unavailable"
+        assert client.get("/healthz").json() == {"ok": False, "broker": True, "redis": False}
+    assert queued(rdb) == {}
+
+
 # --- auth ----------------------------------------------------------------------------------------
 
 

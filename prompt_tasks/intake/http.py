@@ -109,21 +109,29 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _unreachable_errors() -> tuple[type[Exception], ...]:
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (OperationalError, RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+
+#: Errors that mean the broker or Redis cannot be reached: 503, not 500.
+_UNREACHABLE = _unreachable_errors()
+
+
 def submit(celery_app: Celery, ctx: Context, visit: NextVisit) -> Accepted:
     """Announce ``visit`` (its one ``detector`` only, in the fan-out form) and say how it went.
 
     Connection failures towards the broker or Redis become :class:`RetryLater`.
     """
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
     from prompt_tasks.router import announce
 
     detectors = None if visit.detector is None else [visit.detector]
     try:
         result = announce(celery_app, ctx, visit.without_detector(), detectors=detectors)
-    except (OperationalError, RedisConnectionError, RedisTimeoutError, ConnectionError) as exc:
+    except _UNREACHABLE as exc:
         raise RetryLater(f"cannot announce {visit.key}: {type(exc).__name__}") from exc
     return Accepted(key=result.key, duplicate=result.duplicate, detectors=list(result.detectors))
 
@@ -190,6 +198,13 @@ def _add_error_handlers(api: FastAPI) -> None:
             for e in exc.errors()
         ]
         return _error_response(InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors), errors))
+
+    async def _unreachable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("intake: broker or Redis unreachable (%s)", type(exc).__name__)
+        return _error_response(RetryLater(f"broker or Redis unreachable ({type(exc).__name__})"))
+
+    for unreachable in _UNREACHABLE:
+        api.add_exception_handler(unreachable, _unreachable)  # type: ignore[arg-type]
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
