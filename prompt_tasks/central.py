@@ -234,13 +234,6 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
     CentralMismatch
         The repository was built for another ``config``.
     """
-    from prompt_tasks.instruments import load_plugin
-    from prompt_tasks.instruments.simcam import calibs, refcat, templates
-    from prompt_tasks.instruments.simcam.config import SimConfig
-    from prompt_tasks.instruments.simcam.geometry import physical_filter
-    from prompt_tasks.instruments.simcam.sky import Sky
-    from prompt_tasks.instruments.simcam.skymap import SKYMAP, SimSkyMap
-
     if instrument != INSTRUMENT:
         raise ValueError(f"only {INSTRUMENT} has a simulated central repository, not {instrument!r}")
     say = echo or (lambda line: None)
@@ -251,26 +244,44 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
         say(f"{step.name}: {step.created} created, {step.existing} already there"
             + (f" ({'; '.join(step.notes)})" if step.notes else ""))
 
-    registry_db = database_url(registry_db) if registry_db else None
     step = Step("repository")
-    butler = _open_repo(settings.central_repo_uri, registry_db, registry_namespace, step)
+    butler = _open_repo(settings.central_repo_uri, database_url(registry_db) if registry_db else None,
+                        registry_namespace, step)
     done(step)
+    config = _world(settings, butler, config)
+    done(_register(butler, instrument))
+    done(_calibrations(butler, instrument, config))
+    skymap, region = _skymap(butler, config, done)
+    done(_templates(butler, config, skymap))
+    done(_refcat(butler, config, region))
+    done(_collections(butler))
+    done(_init_apdb(settings, apdb_namespace))
+    return steps
 
-    # --- the world ---------------------------------------------------------------------
+
+def _world(settings: Settings, butler: Butler, config: Any) -> Any:
+    """The world to build: ``config``, else the stored one, else the defaults."""
+    from prompt_tasks.instruments.simcam.config import SimConfig
+
     stored = read_camera(butler)
     if config is None:
-        config = SimConfig.model_validate(stored) if stored else SimConfig()
-    elif stored is not None and SimConfig.model_validate(stored) != config:
+        return SimConfig.model_validate(stored) if stored else SimConfig()
+    if stored is not None and SimConfig.model_validate(stored) != config:
         built = SimConfig.model_validate(stored).model_dump()
         asked = config.model_dump()
         diff = ", ".join(f"{k}: built {built[k]!r}, asked {asked[k]!r}" for k in built if built[k] != asked[k])
         raise CentralMismatch(f"{settings.central_repo_uri} was built for another world ({diff}); "
                               "use the same options or a new repository")
+    return config
+
+
+def _register(butler: Butler, instrument: str) -> Step:
+    """The instrument's records, the dataset types and the raw run."""
+    from prompt_tasks.instruments import load_plugin
 
     step = Step("instrument")
-    plugin = load_plugin(instrument)
     had = _has_instrument(butler)
-    plugin.instrument_class().register(butler.registry)
+    load_plugin(instrument).instrument_class().register(butler.registry)
     step.existing += int(had)
     step.created += int(not had)
     for dataset_type in dataset_types(butler.dimensions):
@@ -279,9 +290,14 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
         else:
             step.existing += 1
     butler.registry.registerRun(RAW_RUN)
-    done(step)
+    return step
 
-    # --- calibrations ----------------------------------------------------------------------
+
+def _calibrations(butler: Butler, instrument: str, config: Any) -> Step:
+    """The ``camera`` and the master calibrations of every epoch, certified."""
+    from prompt_tasks.instruments.simcam import calibs
+    from prompt_tasks.instruments.simcam.geometry import band_of, physical_filter
+
     step = Step("calibrations")
     butler.registry.registerCollection(CALIB_COLLECTION, CollectionType.CALIBRATION)
     camera_refs = _put_missing(butler, "camera", CAMERA_RUN, [{"instrument": instrument}],
@@ -289,26 +305,30 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
     if camera_refs:
         butler.registry.certify(CALIB_COLLECTION, camera_refs, Timespan(None, None))
     starts = [Time(e, scale="tai") for e in config.epochs]
+    detectors = [{"instrument": instrument, "detector": d} for d in range(config.n_detectors)]
+    flats = [{"instrument": instrument, "detector": d, "physical_filter": physical_filter(b)}
+             for d in range(config.n_detectors) for b in config.bands]
     for epoch, run in enumerate(calibration_runs(len(starts))):
         validity = Timespan(starts[epoch], starts[epoch + 1] if epoch + 1 < len(starts) else None)
-        detectors = [{"instrument": instrument, "detector": d} for d in range(config.n_detectors)]
         new = _put_missing(butler, "bias", run, detectors,
                            lambda d, e=epoch: calibs.master_bias(config, d["detector"], e), step)
         new += _put_missing(butler, "dark", run, detectors,
                             lambda d, e=epoch: calibs.master_dark(config, d["detector"], e), step)
-        flats = [{"instrument": instrument, "detector": d, "physical_filter": physical_filter(b)}
-                 for d in range(config.n_detectors) for b in config.bands]
         new += _put_missing(
             butler, "flat", run, flats,
-            lambda d, e=epoch: calibs.master_flat(config, d["detector"], d["physical_filter"].split("-")[1], e),
+            lambda d, e=epoch: calibs.master_flat(config, d["detector"], band_of(d["physical_filter"]), e),
             step)
         if new:
             butler.registry.certify(CALIB_COLLECTION, new, validity)
             step.notes.append(f"{run} valid {validity.begin.isot if validity.begin else '-inf'}"
                               f"..{validity.end.isot if validity.end else 'inf'}")
-    done(step)
+    return step
 
-    # --- skymap and templates -------------------------------------------------------------
+
+def _skymap(butler: Butler, config: Any, done: Callable[[Step], None]) -> tuple[Any, ConvexPolygon]:
+    """The skymap's records and ``skyMap`` dataset; returns it and the survey region."""
+    from prompt_tasks.instruments.simcam.skymap import SKYMAP, SimSkyMap
+
     half, region = survey_region(config)
     skymap = SimSkyMap.for_field(config.field_ra, config.field_dec, half, name=SKYMAP,
                                  patch_inner=config.patch_size)
@@ -330,23 +350,40 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
     step.notes.append(f"{SKYMAP}: {len(skymap.tracts)} tract, {nx}x{ny} patches of "
                       f"{skymap.patch_inner}+2x{skymap.patch_border} px")
     done(step)
+    return skymap, region
+
+
+def _templates(butler: Butler, config: Any, skymap: Any) -> Step:
+    """A template coadd per patch and band, and the templates chain."""
+    from prompt_tasks.instruments.simcam import templates
+    from prompt_tasks.instruments.simcam.sky import Sky
 
     sky = Sky(config)
     step = Step("templates")
-    wanted = [{"skymap": SKYMAP, "tract": p.tract, "patch": p.id, "band": band}
+    wanted = [{"skymap": skymap.name, "tract": p.tract, "patch": p.id, "band": band}
               for t in skymap.tracts for p in skymap.patches(t) for band in config.bands]
     _put_missing(butler, "template_coadd", TEMPLATE_RUN, wanted,
                  lambda d: templates.make_template(config, skymap, d["tract"], d["patch"], d["band"], sky), step)
     butler.registry.registerCollection(TEMPLATE_COLLECTION, CollectionType.CHAINED)
     butler.registry.setCollectionChain(TEMPLATE_COLLECTION, [TEMPLATE_RUN])
-    done(step)
+    return step
 
+
+def _refcat(butler: Butler, config: Any, region: ConvexPolygon) -> Step:
+    """The reference-catalog shards over the survey region."""
+    from prompt_tasks.instruments.simcam import refcat
+    from prompt_tasks.instruments.simcam.sky import Sky
+
+    sky = Sky(config)
     step = Step("refcat")
     shards = [{"htm7": index} for index in sky.trixels(region)]
     _put_missing(butler, "sim_refcat", REFCAT_COLLECTION, shards,
                  lambda d: refcat.refcat_shard(config, d["htm7"], sky), step)
-    done(step)
+    return step
 
+
+def _collections(butler: Butler) -> Step:
+    """The umbrella chain the pipelines read from."""
     step = Step("collections")
     chain = [CALIB_COLLECTION, TEMPLATE_COLLECTION, REFCAT_COLLECTION, SKYMAP_COLLECTION]
     if butler.registry.registerCollection(DEFAULTS_COLLECTION, CollectionType.CHAINED):
@@ -356,11 +393,7 @@ def init_central(settings: Settings, instrument: str = INSTRUMENT, *, config: An
     if list(butler.registry.getCollectionChain(DEFAULTS_COLLECTION)) != chain:
         butler.registry.setCollectionChain(DEFAULTS_COLLECTION, chain)
     step.notes.append(f"{DEFAULTS_COLLECTION} = {chain}")
-    done(step)
-
-    step = _init_apdb(settings, apdb_namespace)
-    done(step)
-    return steps
+    return step
 
 
 def _has_instrument(butler: Butler) -> bool:
