@@ -199,6 +199,58 @@ class NightReport:
     recovery: dict[int, Any] = field(default_factory=dict)
 
 
+class _Summit:
+    """The clients a night uses: the intake (or the fan-out stream) and the raw bucket."""
+
+    def __init__(self, settings: Any, config: SimConfig, detectors: Sequence[int], via: str,
+                 log: Callable[[str], None]) -> None:
+        from prompt_tasks.intake.client import IntakeClient
+        from prompt_tasks.objstore import make_client
+
+        self.settings, self.config, self.detectors, self.via, self.log = settings, config, detectors, via, log
+        self.intake = IntakeClient.from_settings(settings)
+        self.s3 = make_client(settings)
+
+    def close(self) -> None:
+        self.intake.close()
+
+    def announce(self, visit: PlannedVisit) -> str | None:
+        """Publish ``visit``'s next_visit; None when accepted, else why not."""
+        if self.via == "stream":
+            import redis as redis_lib
+
+            from prompt_tasks.intake.stream import stream_name
+
+            client = redis_lib.Redis.from_url(self.settings.events_redis, decode_responses=True)
+            try:
+                for message in fanout_messages(visit, self.detectors):
+                    client.xadd(stream_name("SimCam"), message)  # type: ignore[arg-type]
+            except redis_lib.RedisError as exc:
+                return f"fan-out stream: {exc}"
+            finally:
+                client.close()
+            return None
+        try:
+            outcome = self.intake.next_visit(json.dumps(next_visit_body(visit)))
+        except httpx.HTTPError as exc:
+            return f"intake: {exc}"
+        return None if outcome.accepted else outcome.describe()
+
+    def put(self, key: str, data: bytes) -> None:
+        """PUT one raw."""
+        self.s3.put_object(self.settings.raw_bucket, key, io.BytesIO(data), len(data),
+                           content_type="application/fits")
+
+    def ledger(self, group: str) -> dict[str, Any] | None:
+        """The ledger record of a visit (None if unknown or unreachable)."""
+        try:
+            outcome = self.intake.visit("SimCam", group)
+        except httpx.HTTPError as exc:
+            self.log(f"ledger of {group}: {exc}")
+            return None
+        return outcome.body if outcome.accepted else None
+
+
 def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], detectors: Sequence[int], *,
               progress: Any = None, wait_s: float = 120.0, log: Callable[[str], None] = print,
               threads: int = 4, via: str = "http") -> NightReport:
@@ -207,93 +259,74 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
     ``via`` is ``http`` (POST the summit event to the intake; the stack picks the detectors)
     or ``stream`` (one message per detector on the fan-out stream ``instrument:SimCam``, so
     exactly ``detectors`` are processed). ``progress`` is a rich ``Progress`` (or None).
-    After the last PUT, waits up to ``wait_s`` for every visit's summary in the ledger.
+    Raws are simulated in threads from the moment a visit is announced. After the last PUT,
+    waits up to ``wait_s`` for every visit's summary in the ledger, then scores transient
+    recovery from the APDB.
     """
-    import redis as redis_lib
-
     from prompt_tasks.instruments.simcam.raws import simulate_visit
     from prompt_tasks.instruments.simcam.sky import Sky
-    from prompt_tasks.intake.client import IntakeClient
-    from prompt_tasks.objstore import make_client
 
     sky = Sky(config)
-    s3 = make_client(settings)
     by_index = {p.index: p for p in plan}
-    events = events_of(plan)
     raws: dict[int, Future[dict[tuple[int, int], bytes]]] = {}
     report = NightReport({}, {}, 0, 0, {}, {})
-    n_snaps = sum(p.spec.snaps for p in plan)
+    n_raws = sum(p.spec.snaps for p in plan) * len(detectors)
     bar_visits = progress.add_task("visits announced", total=len(plan)) if progress else None
-    bar_raws = progress.add_task("raws delivered", total=n_snaps * len(detectors)) if progress else None
-
-    def put(key: str, data: bytes) -> None:
-        s3.put_object(settings.raw_bucket, key, io.BytesIO(data), len(data), content_type="application/fits")
-
-    with IntakeClient.from_settings(settings) as intake, ThreadPoolExecutor(threads) as pool:
-        for event in events:
-            visit = by_index[event.visit]
-            if event.kind == "announce":
-                raws[event.visit] = pool.submit(simulate_visit, config, visit.spec, detectors, None, sky)
-            delay = event.at - tai_now()
-            if delay > 0:
-                time.sleep(delay)
-            if event.kind == "announce" and via == "stream":
-                from prompt_tasks.intake.stream import stream_name
-
-                client = redis_lib.Redis.from_url(settings.events_redis, decode_responses=True)
-                try:
-                    for message in fanout_messages(visit, detectors):
-                        client.xadd(stream_name("SimCam"), message)  # type: ignore[arg-type]
-                finally:
-                    client.close()
-                report.announced[event.visit] = visit.spec.group
+    bar_raws = progress.add_task("raws delivered", total=n_raws) if progress else None
+    summit = _Summit(settings, config, detectors, via, log)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for event in events_of(plan):
+                visit = by_index[event.visit]
+                if event.kind == "announce":
+                    raws[event.visit] = pool.submit(simulate_visit, config, visit.spec, detectors, None, sky)
+                time.sleep(max(0.0, event.at - tai_now()))
+                if event.kind == "announce":
+                    problem = summit.announce(visit)
+                    if problem is None:
+                        report.announced[event.visit] = visit.spec.group
+                    else:
+                        report.rejected[event.visit] = problem
+                        log(f"next_visit {visit.spec.group}: {problem}")
+                    if progress:
+                        progress.advance(bar_visits)
+                    continue
+                images = raws[event.visit].result()
+                report.late_puts += int(tai_now() - event.at > 1.0)
+                keys = [raw_key(config, visit.spec, det, event.snap) for det in detectors]
+                for future in [pool.submit(summit.put, key, images[(det, event.snap)])
+                               for key, det in zip(keys, detectors)]:
+                    future.result()
+                report.put += len(keys)
                 if progress:
-                    progress.advance(bar_visits)
-                continue
-            if event.kind == "announce":
-                outcome = intake.next_visit(_json(next_visit_body(visit)))
-                if outcome.accepted:
-                    report.announced[event.visit] = visit.spec.group
-                else:
-                    report.rejected[event.visit] = outcome.describe()
-                    log(f"next_visit {visit.spec.group} {outcome.describe()}")
-                if progress:
-                    progress.advance(bar_visits)
-                continue
-            images = raws[event.visit].result()
-            if tai_now() - event.at > 1.0:
-                report.late_puts += 1
-            futures = [pool.submit(put, raw_key(config, visit.spec, det, event.snap), images[(det, event.snap)])
-                       for det in detectors]
-            for future in futures:
-                future.result()
-            report.put += len(futures)
-            if progress:
-                progress.advance(bar_raws, len(futures))
-            if event.snap == visit.spec.snaps - 1:
-                raws.pop(event.visit, None)
+                    progress.advance(bar_raws, len(keys))
+                if event.snap == visit.spec.snaps - 1:
+                    raws.pop(event.visit, None)
         truths = {p.index: {det: sky.truth(p.spec, det) for det in detectors}
                   for p in plan if p.spec.imgtype == "OBJECT"}
-        for index, by_detector in truths.items():
-            report.truth[index] = sum(len(t) for t in by_detector.values())
-        end = time.monotonic() + wait_s
-        pending = set(report.announced)
-        while True:
-            for index in sorted(pending):
-                try:
-                    outcome = intake.visit("SimCam", by_index[index].spec.group)
-                except httpx.HTTPError as exc:
-                    log(f"ledger of {by_index[index].spec.group}: {exc}")
-                    continue
-                report.ledger[index] = outcome.body if outcome.accepted else None
-                if outcome.accepted and outcome.body.get("summary"):
-                    pending.discard(index)
-            if not pending or time.monotonic() > end:
-                break
-            time.sleep(1.0)
+        report.truth = {index: sum(len(t) for t in by_det.values()) for index, by_det in truths.items()}
+        _await_summaries(summit, by_index, report, wait_s)
+    finally:
+        summit.close()
     for index, truth in truths.items():
         report.recovery[index] = recovered(settings, config, by_index[index].spec, truth, log)
     return report
+
+
+def _await_summaries(summit: _Summit, by_index: dict[int, PlannedVisit], report: NightReport,
+                     wait_s: float) -> None:
+    """Poll the ledger until every announced visit has its summary, or ``wait_s`` passed."""
+    end = time.monotonic() + wait_s
+    pending = set(report.announced)
+    while True:
+        for index in sorted(pending):
+            record = summit.ledger(by_index[index].spec.group)
+            report.ledger[index] = record
+            if record and record.get("summary"):
+                pending.discard(index)
+        if not pending or time.monotonic() > end:
+            return
+        time.sleep(1.0)
 
 
 def recovered(settings: Any, config: SimConfig, spec: VisitSpec, truths: dict[int, Any],
@@ -317,7 +350,3 @@ def recovered(settings: Any, config: SimConfig, spec: VisitSpec, truths: dict[in
         det_dec = [] if found is None else found["dec"].to_numpy()
         total = total + score(truth["ra"], truth["dec"], truth["mag"], det_ra, det_dec, mag_limit=mag_limit)
     return total
-
-
-def _json(body: dict[str, Any]) -> str:
-    return json.dumps(body)
