@@ -133,6 +133,8 @@ def test_plugin_is_found_by_name() -> None:
     assert len(plane.detectors) == 3
     assert plugin.geometry(None).footprint(4, 0.0, 0.0, 0.0).contains(_point(0.0, 0.0))
     assert plugin.pipelines_dir.name == "pipelines"
+    assert plugin.seed_config is not None and plugin.seed_config()["storageClasses", "CCDImage", "pytype"] == \
+        "astropy.nddata.CCDData"
     with pytest.raises(LookupError):
         load_plugin("NoSuchCam")
 

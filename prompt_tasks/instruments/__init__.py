@@ -72,6 +72,8 @@ class InstrumentPlugin:
     pipelines_dir: Path
     #: Butler dataset type of raws: (name, dimensions, storage class).
     raw_definition: tuple[str, tuple[str, ...], str] = ("raw", ("instrument", "exposure", "detector"), "CCDImage")
+    #: The seed config every repository of the instrument is created with (a ``Config``).
+    seed_config: Callable[[], Any] | None = None
 
     @property
     def instrument_class(self) -> type:

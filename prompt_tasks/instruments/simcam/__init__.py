@@ -33,6 +33,12 @@ def _translate(header: Mapping[str, Any], **kwargs: Any) -> dict[str, list[dict[
     return records_from_header(header, **kwargs)
 
 
+def _seed_config() -> Any:
+    from prompt_tasks.instruments.simcam.formatter import seed_config
+
+    return seed_config()
+
+
 PLUGIN = InstrumentPlugin(
     name="SimCam",
     instrument_class_name="prompt_tasks.instruments.simcam.instrument.SimCam",
@@ -40,4 +46,5 @@ PLUGIN = InstrumentPlugin(
     geometry=focal_plane,
     translator=_translate,
     pipelines_dir=Path(__file__).with_name("pipelines"),
+    seed_config=_seed_config,
 )
