@@ -61,6 +61,8 @@ INSTRUMENT = "SimCam"
 DETECTORS = [0, 1]
 QUEUES = [detector_queue(INSTRUMENT, d) for d in DETECTORS]
 REDIS_SECRET = "faults-redis-Secret-7f3a"
+
+pytestmark = pytest.mark.slow
 S3_SECRET = "faults-s3-Secret-91bc"
 
 

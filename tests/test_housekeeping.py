@@ -115,6 +115,7 @@ def _fake_repo(root: Path, detector: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_hosts_share_the_detectors_and_keep_only_their_repos(
         two_hosts: tuple[Settings, Celery, Fleet, dict[str, Path]], rdb: redis.Redis) -> None:
     settings, app, _, roots = two_hosts

@@ -36,6 +36,8 @@ INSTRUMENT = "SimCam"
 DETECTORS = list(range(6))
 RABBIT = ("127.0.0.1", 5672)
 
+pytestmark = pytest.mark.slow
+
 
 def _rabbit_listening() -> bool:
     try:
