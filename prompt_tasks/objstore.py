@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
+from minio.error import S3Error
 from minio.notificationconfig import NotificationConfig, QueueConfig
 
 from prompt_tasks.settings import Settings
@@ -59,8 +60,14 @@ def wait_live(settings: Settings, timeout: float = 30.0) -> bool:
     return False
 
 
-def ensure_bucket(client: Minio, settings: Settings, notify: bool = True) -> None:
-    """Create the raw bucket if missing and (re)set its object-created notification."""
+def ensure_bucket(
+    client: Minio, settings: Settings, notify: bool = True, timeout: float = 15.0
+) -> None:
+    """Create the raw bucket if missing and (re)set its object-created notification.
+
+    A gateway that has just started may not have registered its notification target yet
+    and answers "ARN does not exist"; that is retried for up to ``timeout`` seconds.
+    """
     bucket = settings.raw_bucket
     if not client.bucket_exists(bucket):
         client.make_bucket(bucket)
@@ -72,6 +79,14 @@ def ensure_bucket(client: Minio, settings: Settings, notify: bool = True) -> Non
                 )
             ]
         )
-        client.set_bucket_notification(bucket, config)
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                client.set_bucket_notification(bucket, config)
+                return
+            except S3Error as exc:
+                if "arn" not in str(exc).lower() or time.monotonic() > end:
+                    raise
+                time.sleep(0.2)
     else:
         client.delete_bucket_notification(bucket)
