@@ -8,8 +8,9 @@ in the context: the open repos (:mod:`prompt_tasks.localrepo`), the loaded pipel
 instrument's geometry, so the middleware's imports and set-up are paid once per process.
 
 - :func:`prepare`: select the candidate pipelines, plan the preload from their graphs,
-  predict the detector's footprint, preload the local repo; the ledger gets what was
-  transferred and reused and the time of each part.
+  predict the detector's footprint, preload the local repo, warm the APDB region when a
+  candidate associates with the APDB; the ledger gets what was transferred and reused and
+  the time of each part.
 - :func:`ingest`: the snaps ``wait_for_snap`` found, from the raw bucket into the local repo.
 - :func:`run`: the first candidate with work runs in-process; an export request for its
   outputs (and the raws) is queued for the ``export`` task.
@@ -171,10 +172,14 @@ def prepare(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageS
     target = PreloadTarget(visit.instrument, int(detector), visit.filters or None, band)
     plan = plan_preload(inputs_of([c.graph for c in candidates if c.graph is not None]), target)
     collections = [_instrument(plugin).makeUmbrellaCollectionName()]
+    region = footprint_for(ctx, visit, detector)
     report = preload(
-        central, local, plan, collections, _visit_time(visit), footprint_for(ctx, visit, detector),
+        central, local, plan, collections, _visit_time(visit), region,
         ctx.settings.local_cache_bytes, repos.path_of(visit.instrument, detector),
     )
+    apdb_s = _warm_apdb(ctx, candidates, region)
+    if apdb_s is not None:
+        report.times["apdb"] = apdb_s
     summary = report.to_dict()
     _record(ctx, visit, detector, {
         "pipelines": json.dumps([c.name for c in candidates]),
@@ -185,6 +190,39 @@ def prepare(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageS
     })
     return _status("prepare", visit, detector, candidates=[c.name for c in candidates],
                    warm=warm, preload=summary, plan=plan.to_dict())
+
+
+def _warm_apdb(ctx: Context, candidates: list[LoadedPipeline], region: Region | None) -> float | None:
+    """Read the APDB's DIA objects in the footprint once, when a candidate uses the APDB.
+
+    The association task reads the same region right after the difference image is made:
+    the connection is opened (once per process) and the rows are in the database's cache by
+    then. Returns the seconds it took, or None when no candidate needs the APDB. A failure is
+    logged, not fatal: the pipeline reports its own APDB errors.
+    """
+    import logging
+    import time
+
+    uses_apdb = any(
+        "apdb_config_url" in node.config._fields
+        for c in candidates if c.graph is not None for node in c.graph.tasks.values()
+    )
+    if not uses_apdb or region is None:
+        return None
+    start = time.perf_counter()
+    try:
+        apdb = ctx.extras.get("apdb")
+        if apdb is None:
+            from lsst.dax.apdb import Apdb
+
+            from prompt_tasks.central import apdb_config_path
+
+            apdb = Apdb.from_uri(str(apdb_config_path(ctx.settings)))
+            ctx.extras["apdb"] = apdb
+        apdb.getDiaObjects(region)
+    except Exception:
+        logging.getLogger(__name__).warning("APDB warm-up failed", exc_info=True)
+    return time.perf_counter() - start
 
 
 def _band(central: Butler, visit: NextVisit) -> str | None:
