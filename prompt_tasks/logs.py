@@ -69,8 +69,11 @@ def configure_logging(level: str | int = "INFO", json_format: bool = True) -> No
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(instrument)s %(group)s %(detector)s %(stage)s] %(message)s")
         )
+    handler._prompt_tasks = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        # Replace our own handler; leave others' (pytest's capture, a host's) alone.
+        if getattr(old, "_prompt_tasks", False) or type(old) is logging.StreamHandler:
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
