@@ -26,6 +26,7 @@ task's (:class:`~prompt_tasks.stage.StageTask`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -169,7 +170,16 @@ def export(self: Task, force: bool = False) -> dict[str, Any]:
     def later(delay: float) -> None:
         export.apply_async(countdown=delay, queue="export")
 
-    return export_pending(context_of(self.app), later, force=bool(force))
+    ctx = context_of(self.app)
+    started = time.time()
+    done = export_pending(ctx, later, force=bool(force))
+    try:  # the export latency beside the detector stages' (metrics never fail the export)
+        from prompt_tasks.metrics import observe
+
+        observe(ctx.redis, "stage", time.time() - started, stage="export")
+    except Exception:
+        logging.getLogger(__name__).debug("export metric not written", exc_info=True)
+    return done
 
 
 # --------------------------------------------------------------------------- visit tasks
