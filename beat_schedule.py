@@ -14,6 +14,8 @@ catchup              ``prompt_tasks.catchup_run``          ``catchup_interval_s`
 housekeeping         ``prompt_tasks.housekeeping``         ``housekeeping_interval_s``
 expiry               ``prompt_tasks.expiry_sweep``         ``housekeeping_interval_s``
 fleet-gauges         ``prompt_tasks.fleet_gauges``         ``fleet_metrics_interval_s``
+export               ``prompt_tasks.export`` (queue        :data:`EXPORT_EVERY_S`; a safety
+                     ``export``)                           net for lost pokes
 ==================== ===================================== ================================
 """
 
@@ -26,8 +28,11 @@ if TYPE_CHECKING:
 
 __all__ = ["schedule"]
 
-#: Queue every beat job is sent to.
+#: Queue every beat job is sent to (the export flush goes to the export writer's queue).
 BEAT_QUEUE = "default"
+#: Period of the export flush (s): pending export requests are written even if no pipeline
+#: run pokes the export task any more.
+EXPORT_EVERY_S = 60.0
 
 
 def _entry(task: str, every: float) -> dict[str, Any]:
@@ -42,4 +47,6 @@ def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "housekeeping": _entry("prompt_tasks.housekeeping", settings.housekeeping_interval_s),
         "expiry": _entry("prompt_tasks.expiry_sweep", settings.housekeeping_interval_s),
         "fleet-gauges": _entry("prompt_tasks.fleet_gauges", settings.fleet_metrics_interval_s),
+        "export": {**_entry("prompt_tasks.export", EXPORT_EVERY_S),
+                   "options": {"queue": "export", "expires": EXPORT_EVERY_S}},
     }
