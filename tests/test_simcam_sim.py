@@ -192,3 +192,15 @@ def test_recovery_score_counts_matches_and_false_detections() -> None:
     assert result.completeness == 0.5
     assert (result + result).injected == 4
     assert score([], [], [], det_ra, det_dec).false == 3
+
+
+def test_difference_magnitude_of_transients(config: SimConfig) -> None:
+    from prompt_tasks.instruments.simcam.sky import difference_mag
+
+    assert difference_mag(np.array([20.0]), np.array([np.inf]))[0] == pytest.approx(20.0)
+    assert np.isinf(difference_mag(np.array([20.0]), np.array([20.0]))[0])
+    assert difference_mag(np.array([20.0]), np.array([20.7525]))[0] == pytest.approx(20.7525, abs=1e-3)
+    truth = Sky(config).truth(_visit(), 0)
+    assert "diff_mag" in truth.colnames
+    new = truth[truth["kind"] == "new"]
+    assert np.allclose(new["diff_mag"], new["mag"])

@@ -331,7 +331,11 @@ def _await_summaries(summit: _Summit, by_index: dict[int, PlannedVisit], report:
 
 def recovered(settings: Any, config: SimConfig, spec: VisitSpec, truths: dict[int, Any],
               log: Callable[[str], None] = print, mag_limit: float = 23.0) -> Any:
-    """Transients of ``spec`` found in the APDB, summed over detectors (None if unreadable)."""
+    """Transients of ``spec`` found in the APDB, summed over detectors (None if unreadable).
+
+    A transient counts as injected when its difference-image flux is brighter than
+    ``mag_limit`` (a variable near its mean shows nothing to find).
+    """
     from prompt_tasks.central import apdb_config_path
     from prompt_tasks.instruments.simcam.recovery import Recovery, apdb_sources, score
 
@@ -348,5 +352,5 @@ def recovered(settings: Any, config: SimConfig, spec: VisitSpec, truths: dict[in
             return None
         det_ra = [] if found is None else found["ra"].to_numpy()
         det_dec = [] if found is None else found["dec"].to_numpy()
-        total = total + score(truth["ra"], truth["dec"], truth["mag"], det_ra, det_dec, mag_limit=mag_limit)
+        total = total + score(truth["ra"], truth["dec"], truth["diff_mag"], det_ra, det_dec, mag_limit=mag_limit)
     return total

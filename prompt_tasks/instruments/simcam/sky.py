@@ -28,7 +28,7 @@ from prompt_tasks.instruments.simcam.config import SimConfig
 from prompt_tasks.instruments.simcam.geometry import BANDS, FocalPlane
 from prompt_tasks.instruments.simcam.visits import VisitSpec
 
-__all__ = ["HTM_LEVEL", "Sky", "colours", "outburst_mag"]
+__all__ = ["HTM_LEVEL", "Sky", "colours", "difference_mag", "outburst_mag"]
 
 HTM_LEVEL = 7
 _PIXELIZATION = HtmPixelization(HTM_LEVEL)
@@ -59,6 +59,13 @@ def outburst_mag(peak: np.ndarray, period_d: np.ndarray, phase_d: np.ndarray, da
     rise = 2.0
     mag = np.where(tau < rise, peak + (rise - tau) * 1.0, peak + 0.25 * (tau - rise))
     return np.where(mag > FAINT, np.inf, mag)
+
+
+def difference_mag(mag: np.ndarray, ref_mag: np.ndarray) -> np.ndarray:
+    """Magnitude of the flux a difference image shows: ``|f(mag) - f(ref_mag)|``."""
+    with np.errstate(divide="ignore"):
+        flux = np.abs(10 ** (-0.4 * np.asarray(mag, float)) - 10 ** (-0.4 * np.asarray(ref_mag, float)))
+        return np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.inf)
 
 
 def _trixel_area_deg2(index: int) -> float:
@@ -197,7 +204,8 @@ class Sky:
 
         Columns: ``id``, ``kind`` (``new`` or ``variable``), ``ra``, ``dec``, ``mag`` (visit
         band, at the visit's middle), ``ref_mag`` (what the template shows; ``inf`` for new
-        sources), ``x``, ``y`` (0-based pixels on the detector).
+        sources), ``diff_mag`` (the magnitude of the flux in the difference image, what sets
+        detectability), ``x``, ``y`` (0-based pixels on the detector).
         """
         plane = focal_plane or self.config.focal_plane
         region = plane.footprint(detector, visit.ra, visit.dec, visit.camera_angle)
@@ -212,11 +220,11 @@ class Sky:
         ra = np.concatenate([news["ra"], stars["ra"]]).astype(float)
         dec = np.concatenate([news["dec"], stars["dec"]]).astype(float)
         x, y = plane.sky_to_pixel(detector, ra, dec, visit.ra, visit.dec, visit.camera_angle)
+        mag = np.concatenate([new_mag, self.variable_mag(stars, band, mid)])
+        ref_mag = np.concatenate([np.full(len(news), np.inf), np.asarray(stars[f"{band}_mag"], float)])
         return Table({
             "id": np.concatenate([news["id"], stars["id"]]).astype(np.int64),
             "kind": np.array(["new"] * len(news) + ["variable"] * len(stars), dtype="U8"),
-            "ra": ra, "dec": dec,
-            "mag": np.concatenate([new_mag, self.variable_mag(stars, band, mid)]),
-            "ref_mag": np.concatenate([np.full(len(news), np.inf), np.asarray(stars[f"{band}_mag"], float)]),
+            "ra": ra, "dec": dec, "mag": mag, "ref_mag": ref_mag, "diff_mag": difference_mag(mag, ref_mag),
             "x": np.asarray(x, float), "y": np.asarray(y, float),
         })
