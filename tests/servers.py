@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from prompt_tasks.objstore import ensure_bucket, make_client, wait_live
+from prompt_tasks.objstore import wait_live
 from prompt_tasks.settings import Settings
-from prompt_tasks.stack.servers import free_port, start_redis, start_s3, wait_redis
+from prompt_tasks.stack.servers import (
+    ensure_bucket_ready,
+    free_port,
+    start_redis,
+    start_s3,
+    wait_redis,
+)
 
 
 def missing(reason: str) -> None:
@@ -53,7 +59,7 @@ def private_servers(settings: Settings, s3: bool = True) -> Iterator[Settings]:
             s3_proc = start_s3(settings, settings.state_path / "s3", run_dir)
             if not wait_live(settings, timeout=30):
                 pytest.fail(f"private S3 gateway did not start:\n{s3_proc.tail()}")
-            ensure_bucket(make_client(settings), settings)
+            ensure_bucket_ready(settings)
         yield settings
     finally:
         if s3_proc is not None:

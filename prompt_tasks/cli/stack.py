@@ -82,6 +82,8 @@ def up(settings: Settings, skip: tuple[str, ...], timeout: float) -> None:
     except launcher.StackError as error:
         _print_failure(console, error)
         sys.exit(1)
+    except FileNotFoundError as error:  # redis-server or juicefs not installed
+        raise click.ClickException(str(error)) from error
     console.print(f"[green]stack up: {len(comps)} components healthy[/green]")
 
 
@@ -143,9 +145,10 @@ def demo(settings: Settings, skip: tuple[str, ...]) -> None:
         except DemoError as error:
             console.print(f"[red]✗ {error}[/red]")
             sys.exit(1)
+        except FileNotFoundError as error:  # redis-server or juicefs not installed
+            raise click.ClickException(str(error)) from error
         console.print(f"[green]✓[/green] {line}")
-    rows = run.results.get("status") or launcher.status(settings, skip)
-    console.print(_status_table(rows, settings))
+    console.print(_status_table(launcher.status(settings, skip), settings))
     console.print(
         "[green bold]The stack is healthy.[/green bold] "
         "Stop it with [bold]prompt-tasks stack down[/bold]."

@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from prompt_tasks.objstore import ensure_bucket, make_client
+import urllib3
+from minio.error import S3Error
+
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack import health
 from prompt_tasks.stack.components import (
@@ -33,7 +35,12 @@ from prompt_tasks.stack.components import (
 )
 from prompt_tasks.stack.env import child_env
 from prompt_tasks.stack.process import ManagedProcess
-from prompt_tasks.stack.servers import format_s3, port_in_use, write_redis_config
+from prompt_tasks.stack.servers import (
+    ensure_bucket_ready,
+    format_s3,
+    port_in_use,
+    write_redis_config,
+)
 
 __all__ = [
     "ComponentStatus",
@@ -174,6 +181,13 @@ def _launch(settings: Settings, component: Component, report: Reporter) -> Manag
     return proc
 
 
+def _ensure_bucket(settings: Settings, component: Component) -> None:
+    try:
+        ensure_bucket_ready(settings, SERVER_TIMEOUT_S)
+    except (S3Error, urllib3.exceptions.HTTPError) as error:
+        raise _fail(settings, component, f"bucket set-up failed: {error}") from error
+
+
 def _wait_healthy(
     settings: Settings,
     started: Sequence[tuple[Component, ManagedProcess]],
@@ -229,7 +243,7 @@ def _up(settings: Settings, skip: Collection[str], timeout: float, report: Repor
             proc = _launch(settings, component, report)
             _wait_healthy(settings, [(component, proc)], SERVER_TIMEOUT_S, report)
             if component.role == "s3":
-                ensure_bucket(make_client(settings), settings)
+                _ensure_bucket(settings, component)
                 report("s3", f"bucket {settings.raw_bucket!r} and its notification ready")
         fleet = [c for c in comps if c.tier is Tier.FLEET]
         started = [(c, _launch(settings, c, report)) for c in fleet]

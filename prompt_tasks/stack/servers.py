@@ -15,11 +15,15 @@ import time
 from pathlib import Path
 
 import redis
+import urllib3
+from minio.error import S3Error
 
+from prompt_tasks.objstore import ensure_bucket, make_client
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.process import ManagedProcess
 
 __all__ = [
+    "ensure_bucket_ready",
     "format_s3",
     "free_port",
     "juicefs_binary",
@@ -190,3 +194,18 @@ def start_s3(settings: Settings, data_dir: Path, run_dir: Path) -> ManagedProces
     proc = ManagedProcess("s3", run_dir, signature=s3_signature(data_dir))
     proc.start(s3_argv(settings, data_dir), env=s3_env(settings))
     return proc
+
+
+def ensure_bucket_ready(settings: Settings, timeout: float = 30.0) -> None:
+    """Create the raw bucket and its notification on a live gateway, retrying for ``timeout``
+    s: the gateway answers ``/minio/health/live`` before it has registered its Redis
+    notification target, and until then calls the target's ARN malformed."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            ensure_bucket(make_client(settings), settings)
+            return
+        except (S3Error, urllib3.exceptions.HTTPError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
