@@ -167,3 +167,21 @@ def test_calibration_sequences_come_first(config: SimConfig) -> None:
     assert records["exposure"][0]["id"] == plan[1].spec.exposure(0) and "visit" not in records
     with pytest.raises(ValueError):
         plan_night(config, 1, START, calibs=["skyflat"])
+
+
+def test_simulate_cli_explains_what_is_missing(tmp_path: Path, simcam_central: object) -> None:
+    from click.testing import CliRunner
+
+    from prompt_tasks.cli import main
+    from prompt_tasks.stack.servers import free_port
+
+    runner = CliRunner()
+    nothing = runner.invoke(main, ["simulate", "--visits", "1"], env={"PROMPT_TASKS_STATE_DIR": str(tmp_path)})
+    assert nothing.exit_code == 1 and "central init" in nothing.output
+    state = str(simcam_central.settings.state_dir)  # type: ignore[attr-defined]
+    down = runner.invoke(main, ["simulate", "--visits", "1"],
+                         env={"PROMPT_TASKS_STATE_DIR": state, "PROMPT_TASKS_S3_PORT": str(free_port())})
+    assert down.exit_code == 1 and "does not answer" in down.output
+    too_many = runner.invoke(main, ["simulate", "--visits", "1", "--detectors", "5"],
+                             env={"PROMPT_TASKS_STATE_DIR": state})
+    assert too_many.exit_code == 1 and "has 2 detectors" in too_many.output

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import click
+import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -78,6 +79,24 @@ def central_init(settings: Settings, instrument: str, detectors: int | None, siz
         console.print("[green]nothing to do: the central repository was already complete[/green]")
     else:
         console.print(f"[green]built: {sum(s.created for s in steps)} items[/green]")
+
+
+def _stack_problem(settings: Settings, via: str) -> str | None:
+    """Why the stack cannot take a night (S3 or intake down), or None."""
+    from prompt_tasks.intake.client import IntakeClient
+    from prompt_tasks.objstore import health_live
+
+    if not health_live(settings, timeout=2.0):
+        return f"the S3 server at {settings.s3_url} does not answer"
+    if via == "stream":
+        return None
+    try:
+        with IntakeClient.from_settings(settings) as intake:
+            if intake.health().status != 200:
+                return "the intake is not healthy"
+    except httpx.HTTPError as exc:
+        return f"the intake does not answer ({exc})"
+    return None
 
 
 def _recovery_cells(recovery: Any) -> tuple[str, str]:
@@ -156,6 +175,10 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
                           calibs=[c.strip() for c in calibs.split(",") if c.strip()])
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
+        sys.exit(1)
+    problem = _stack_problem(settings, via)
+    if problem:
+        console.print(f"[red]{problem}: is the stack up? (`prompt-tasks stack up`)[/red]")
         sys.exit(1)
     if via == "http" and n != 9:
         console.print("[yellow]next_visit over HTTP: the stack processes the instrument's default detectors; "
