@@ -14,14 +14,14 @@ sidecar; an image whose sidecar is not there yet is parked until the sidecar's o
 A calibration exposure (bias, dark, flat...) arriving with no announced visit starts the
 raw-calibration route by sending the task :data:`CALIB_TASK` by name. The image type comes
 from the key's file name, the sidecar, or else the raw's FITS header (one ranged GET, made
-only for raws of no announced visit, after the arrival is indexed and its waiter woken).
+only for raws of no announced visit, after the arrival is indexed and its waiter woken);
+see :mod:`prompt_tasks.headers`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,11 +29,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis as redis_lib
-import urllib3
 
 from prompt_tasks.arrivals import DEFAULT_TTL_S, record_arrival, visit_announced
 from prompt_tasks.errors import InvalidEvent
 from prompt_tasks.events import ObjectEvent, parse_body
+from prompt_tasks.headers import (
+    calib_type_of,
+    s3_header_reader,
+    s3_sidecar_reader,
+    should_start_calib,
+)
 from prompt_tasks.keys import (
     NeedsSidecar,
     SnapKey,
@@ -44,27 +49,18 @@ from prompt_tasks.keys import (
 )
 
 if TYPE_CHECKING:
-    from minio import Minio
-
     from prompt_tasks.context import Context
 
 __all__ = [
     "CALIB_QUEUE",
     "CALIB_TASK",
-    "CALIB_TYPES",
     "COUNTERS",
     "COUNTERS_KEY",
     "DEFAULT_INSTRUMENTS",
-    "HEADER_BYTES",
     "Dispatcher",
-    "calib_type_of",
     "counters",
     "dispatcher_for",
-    "fits_header",
     "known_instruments",
-    "s3_header_reader",
-    "s3_sidecar_reader",
-    "should_start_calib",
     "use_plugin_schemes",
 ]
 
@@ -83,12 +79,6 @@ DEFAULT_INSTRUMENTS = frozenset({"SimCam", "LSSTCam", "LSSTComCam"})
 CALIB_TASK = "prompt_tasks.calibration.process_calib"
 #: Queue of the raw-calibration route: the compute workers' catch-up queue.
 CALIB_QUEUE = "catchup"
-#: Image types that are calibration exposures.
-CALIB_TYPES = frozenset({"bias", "zero", "dark", "flat", "domeflat", "skyflat", "twflat", "flat-lamp"})
-
-_HEADER_TYPE_FIELDS = ("IMGTYPE", "OBSTYPE", "EXPTYPE")
-
-
 def known_instruments() -> frozenset[str]:
     """Names of the instruments the fleet knows (the instrument registry, when present)."""
     try:
@@ -118,118 +108,11 @@ def use_plugin_schemes(instruments: Iterable[str]) -> dict[str, str]:
     return used
 
 
-def calib_type_of(snap: SnapKey, header: Mapping[str, Any] | None = None) -> str | None:
-    """The calibration type of a raw (``bias``, ``dark``, ``flat``...), or None for science.
-
-    The header (a sidecar) decides when it names an image type; otherwise a word of the file
-    name does (``bias.fits``, ``raw_dark_0001.fits``).
-    """
-    if header:
-        for name in _HEADER_TYPE_FIELDS:
-            value = header.get(name)
-            if isinstance(value, str) and value:
-                kind = value.strip().lower()
-                return kind if kind in CALIB_TYPES else None
-    for word in re.split(r"[^a-z-]+", snap.filename.lower()):
-        if word in CALIB_TYPES:
-            return word
-    return None
-
-
-def should_start_calib(calib_type: str | None, announced: bool) -> bool:
-    """A calibration exposure with no announced visit starts the raw-calibration route."""
-    return calib_type is not None and not announced
-
-
 def counters(redis: redis_lib.Redis) -> dict[str, int]:
     """The dispatcher's counters (every name of :data:`COUNTERS`, 0 when never counted)."""
     raw = redis.hgetall(COUNTERS_KEY)
     values = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
     return {name: values.get(name, 0) for name in COUNTERS} | values
-
-
-def s3_sidecar_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] | None]:
-    """A function ``(bucket, key) -> sidecar dict or None`` reading through ``client``.
-
-    Anything short of a readable JSON object (missing, unreachable, garbage) reads as None:
-    the image is parked until the sidecar's own event arrives.
-    """
-    from minio.error import MinioException
-
-    def read(bucket: str, key: str) -> Mapping[str, Any] | None:
-        try:
-            response = client.get_object(bucket, key)
-            try:
-                body = response.read()
-            finally:
-                response.close()
-                response.release_conn()
-        except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
-            log.debug("sidecar %s/%s not readable: %s", bucket, key, exc)
-            return None
-        try:
-            value = json.loads(body)
-        except ValueError:
-            log.warning("sidecar %s/%s is not JSON", bucket, key)
-            return None
-        return value if isinstance(value, dict) else None
-
-    return read
-
-
-#: Bytes read from the start of a raw to find its primary header (four FITS blocks).
-HEADER_BYTES = 4 * 2880
-
-
-def fits_header(data: bytes) -> dict[str, Any]:
-    """The keyword values of the FITS primary header at the start of ``data`` (pure).
-
-    Reads 80-character cards up to ``END`` or the end of ``data``; string values are
-    unquoted, numbers converted, anything else kept as text. Not FITS: an empty dict.
-    """
-    if not data.startswith(b"SIMPLE  ="):
-        return {}
-    out: dict[str, Any] = {}
-    for start in range(0, len(data) - 79, 80):
-        card = data[start:start + 80].decode("ascii", errors="replace")
-        name = card[:8].strip()
-        if name == "END":
-            break
-        if card[8:10] != "= " or not name:
-            continue
-        text = card[10:].strip()
-        if text.startswith("'"):
-            out[name] = text[1:].split("'", 1)[0].rstrip()
-            continue
-        text = text.split("/", 1)[0].strip()
-        try:
-            out[name] = int(text)
-        except ValueError:
-            try:
-                out[name] = float(text)
-            except ValueError:
-                out[name] = text
-    return out
-
-
-def s3_header_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] | None]:
-    """A function ``(bucket, key) -> FITS primary header or None`` (one ranged GET)."""
-    from minio.error import MinioException
-
-    def read(bucket: str, key: str) -> Mapping[str, Any] | None:
-        try:
-            response = client.get_object(bucket, key, offset=0, length=HEADER_BYTES)
-            try:
-                data = response.read()
-            finally:
-                response.close()
-                response.release_conn()
-        except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
-            log.warning("header of %s/%s not readable: %s", bucket, key, exc)
-            return None
-        return fits_header(data) or None
-
-    return read
 
 
 def _pending_key(bucket: str, sidecar_key: str) -> str:

@@ -86,7 +86,7 @@ def list_snaps(ctx: Context, instrument: str, group: str, detector: int) -> list
     scheme = scheme_for(instrument)
     prefix = scheme.listing_prefix(instrument, group, detector)
 
-    from prompt_tasks.dispatcher import s3_sidecar_reader
+    from prompt_tasks.headers import s3_sidecar_reader
 
     reader = s3_sidecar_reader(ctx.s3)
 

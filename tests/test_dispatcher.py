@@ -22,18 +22,16 @@ from prompt_tasks.dispatcher import (
     CALIB_TASK,
     COUNTERS_KEY,
     Dispatcher,
-    calib_type_of,
     counters,
     dispatcher_for,
-    fits_header,
     known_instruments,
-    should_start_calib,
     use_plugin_schemes,
 )
-from prompt_tasks.keys import SnapKey, format_key
+from prompt_tasks.keys import format_key
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import start_redis, wait_redis
 from tests.servers import test_settings as private_settings
+from tests.test_headers import fits_bytes
 
 
 def _group() -> str:
@@ -126,18 +124,6 @@ def test_lsstcam_sidecar_before_and_after_the_image(ctx: Context, dispatcher: Di
     assert arrivals_for(ctx.redis, "LSSTCam", group, 95)[0].key == second
     got = counters(ctx.redis)
     assert (got["ok"], got["pending_sidecar"], got["sidecar"]) == (2, 1, 2)
-
-
-def test_calibration_decision() -> None:
-    snap = SnapKey("SimCam", 1, "g", 0, "bias.fits")
-    assert calib_type_of(snap) == "bias"
-    assert calib_type_of(SnapKey("SimCam", 1, "g", 0, "raw_dark_001.fits")) == "dark"
-    assert calib_type_of(SnapKey("SimCam", 1, "g", 0, "raw.fits")) is None
-    assert calib_type_of(snap, {"IMGTYPE": "OBJECT"}) is None
-    assert calib_type_of(SnapKey("LSSTCam", 1, "g", 0, "x.fits"), {"IMGTYPE": "FLAT"}) == "flat"
-    assert should_start_calib("flat", announced=False)
-    assert not should_start_calib("flat", announced=True)
-    assert not should_start_calib(None, announced=False)
 
 
 def _queued_tasks(settings: Settings, queue: str) -> list[dict[str, object]]:
@@ -268,31 +254,11 @@ def test_dispatcher_command_runs_until_sigterm(settings: Settings, ctx: Context)
     assert "dispatcher stopped" in output
 
 
-def _fits(imgtype: str) -> bytes:
-    import numpy as np
-    from astropy.io import fits
-
-    hdu = fits.PrimaryHDU(np.zeros((4, 4), dtype=np.int16))
-    hdu.header["IMGTYPE"] = (imgtype, "image type")
-    hdu.header["EXPTIME"] = 15.5
-    hdu.header["DETECTOR"] = 3
-    out = io.BytesIO()
-    hdu.writeto(out)
-    return out.getvalue()
-
-
-def test_fits_header_parser() -> None:
-    header = fits_header(_fits("DARK"))
-    assert (header["IMGTYPE"], header["EXPTIME"], header["DETECTOR"], header["SIMPLE"]) == ("DARK", 15.5, 3, "T")
-    assert fits_header(b"not fits") == {}
-    assert fits_header(_fits("FLAT")[:200])["BITPIX"] == 16  # a truncated header still gives its cards
-
-
 def test_calibration_known_from_the_fits_header(ctx: Context, dispatcher: Dispatcher, settings: Settings) -> None:
     group = _group()
     dark = format_key("SimCam", 4, group, 0, "raw.fits")
-    _put(ctx, dark, _fits("DARK"))
-    _put(ctx, format_key("SimCam", 5, group, 0, "raw.fits"), _fits("OBJECT"))
+    _put(ctx, dark, fits_bytes("DARK"))
+    _put(ctx, format_key("SimCam", 5, group, 0, "raw.fits"), fits_bytes("OBJECT"))
     for _ in range(2):
         assert dispatcher.step(block_s=10)
     (task,) = _queued_tasks(settings, CALIB_QUEUE)
