@@ -76,6 +76,8 @@ def test_calibration_exposures_have_no_visit(config: SimConfig) -> None:
         records = records_from_header(header)
         assert set(records) == {"day_obs", "group", "exposure"}
         assert records["exposure"][0]["observation_type"] == imgtype.lower()
+        span = records["exposure"][0]["timespan"]
+        assert not span.isEmpty() and span.end > span.begin
         assert records["group"][0]["name"] == group_id(START)
 
 

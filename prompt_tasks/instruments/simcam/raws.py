@@ -182,7 +182,7 @@ def simulate_snap(config: SimConfig, visit: VisitSpec, detector: int, snap: int,
     if visit.imgtype != "OBJECT":
         return simulate_calibration(config, visit.imgtype, visit.snap_begin(snap), detector,
                                     visit.physical_filter, exptime=visit.exptime, snap=snap,
-                                    nsnaps=visit.snaps, group_start=visit.start)
+                                    nsnaps=visit.snaps, group_start=visit.start, survey=visit.survey)
     sky = sky or Sky(config)
     plane = config.focal_plane
     start = visit.snap_begin(snap)
@@ -224,7 +224,7 @@ def simulate_visit(config: SimConfig, visit: VisitSpec, detectors: Iterable[int]
 def simulate_calibration(config: SimConfig, imgtype: str, start: float, detector: int,
                          physical_filter: str = "SimCam-r", exptime: float | None = None,
                          level_e: float = 20000.0, snap: int = 0, nsnaps: int = 1,
-                         group_start: float | None = None) -> bytes:
+                         group_start: float | None = None, survey: str = "CALIB") -> bytes:
     """A raw calibration exposure (``BIAS``, ``DARK`` or ``FLAT``) starting at ``start``.
 
     ``snap`` of ``nsnaps`` in the group starting at ``group_start`` (default: ``start``).
@@ -235,7 +235,7 @@ def simulate_calibration(config: SimConfig, imgtype: str, start: float, detector
     exptime = CALIBRATION_EXPTIME[imgtype] if exptime is None else exptime
     header = snap_header(config, detector=detector, start=start, snap=snap, nsnaps=nsnaps, exptime=exptime,
                          imgtype=imgtype, physical_filter=physical_filter, ra=0.0, dec=-90.0, camera_angle=0.0,
-                         group_start=group_start)
+                         group_start=group_start, survey=survey)
     exp_id = int(header["EXPID"])
     rng = _snap_rng(config, exp_id, detector)
     shape = (config.size, config.size)

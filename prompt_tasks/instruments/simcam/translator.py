@@ -38,6 +38,8 @@ RECORD_ORDER: tuple[str, ...] = ("day_obs", "group", "exposure", "visit", "visit
 OBSERVATION_TYPES: dict[str, str] = {"OBJECT": "science", "BIAS": "bias", "DARK": "dark", "FLAT": "flat"}
 #: The visit system visits are defined in (``by-group``).
 VISIT_SYSTEM = 1
+#: Shortest exposure timespan recorded (zero-second biases still last this long).
+_MIN_SPAN = 1 * u.ms
 
 
 def day_obs_timespan(day_obs: int) -> Timespan:
@@ -68,6 +70,8 @@ def records_from_header(header: Mapping[str, Any], *, all_detectors: bool = Fals
     exptime = float(header["EXPTIME"])
     begin = Time(str(header["DATE-BEG"]), scale="tai")
     end = Time(str(header["DATE-END"]), scale="tai")
+    # A zero-length timespan is empty and overlaps nothing (a bias would find no calibration).
+    end = max(end, begin + _MIN_SPAN)
     ra, dec, angle = float(header["RA"]), float(header["DEC"]), float(header["ROTPA"])
     zenith = 90.0 - float(header.get("ELSTART", 90.0))
     azimuth = float(header.get("AZSTART", 0.0))
