@@ -1,12 +1,14 @@
 """How fast a waiting detector learns that its raw is in the bucket.
 
-``python -m benchmarks.snap_latency [--detectors N] [--rounds R] [--gap S]`` starts a private
+``python -m benchmarks.snap_latency [--detectors N] [--rounds R] [--gap S] [--worker]`` starts a private
 Redis and S3 gateway (with real bucket notifications) in a temporary directory, runs the
 event dispatcher in a thread, and for each round starts N waiters (one per detector, each a
 :func:`prompt_tasks.snap.wait_for_snaps` call in a thread) before PUTting one raw per
 detector. It reports PUT-complete → wait-returned (p50, p95, max), then does the same with
 a baseline where each waiter lists its bucket prefix every ``--poll`` seconds, and prints
-the ratio. Goal (issue 5): p95 ≤ 50 ms on a quiet machine.
+the ratio. ``--worker`` adds the production path: the real ``wait_for_snap`` task on a gevent
+``wait`` worker process (``prompt-tasks worker wait``), measured to the moment the wait
+returned inside the worker. Goal (issue 5): p95 ≤ 50 ms on a quiet machine.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from celery import Celery
 
 from prompt_tasks.context import Context
 from prompt_tasks.dispatcher import Dispatcher, counters, dispatcher_for
@@ -137,24 +141,90 @@ def running_dispatcher(ctx: Context, mode: str) -> Iterator[None]:
             stop.set()
             thread.join(10)
         return
-    settings = ctx.settings
-    env = dict(os.environ, PROMPT_TASKS_REDIS_PORT=str(settings.redis_port),
-               PROMPT_TASKS_S3_PORT=str(settings.s3_port), PROMPT_TASKS_STATE_DIR=str(settings.state_path))
-    log = (settings.state_path / "dispatcher.log").open("wb")
+    with _subprocess(ctx.settings, "dispatcher", ["dispatcher"]):
+        yield
+
+
+@contextmanager
+def _subprocess(settings: Settings, name: str, args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``prompt-tasks ARGS`` on ``settings`` until the block ends (then SIGTERM it)."""
+    from prompt_tasks.stack.env import child_env
+
+    log = (settings.state_path / f"{name}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from prompt_tasks.cli import main; main()", "dispatcher"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-c", "from prompt_tasks.cli import main; main()", *args],
+        env=child_env(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        yield
+        yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the session we created: the worker and its pool
         try:
-            proc.wait(20)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def run_worker_round(ctx: Context, app: Celery, group: str, detectors: int, gap: float,
+                     timeout: float) -> list[float]:
+    """One visit through the real ``wait_for_snap`` task on the gevent ``wait`` worker.
+
+    The latency is PUT complete → the time the wait returned inside the worker (its status's
+    ``data["ended"]``; same machine, same clock).
+    """
+    from prompt_tasks.status import StageStatus
+
+    start = time.time()
+    visit = {"instrument": INSTRUMENT, "groupId": group, "startTime": start, "duration": 0.0, "nimages": 1}
+    previous = StageStatus("prepare", Outcome.OK, INSTRUMENT, group, 0).to_dict()
+    results = [
+        app.signature("prompt_tasks.wait_for_snap", args=[previous], kwargs={"visit": visit, "detector": d},
+                      queue="wait").apply_async()
+        for d in range(detectors)
+    ]
+    end = time.monotonic() + 30
+    while ctx.redis.scard(f"waiters:{INSTRUMENT}:{group}") < detectors and time.monotonic() < end:
+        time.sleep(0.05)  # every wait task is blocked on its wake key
+    put_done: dict[int, float] = {}
+    for detector in range(detectors):
+        key = format_key(INSTRUMENT, detector, group, 0)
+        ctx.s3.put_object(ctx.settings.raw_bucket, key, io.BytesIO(RAW), len(RAW))
+        put_done[detector] = time.time()
+        if gap:
+            time.sleep(gap)
+    latencies = []
+    for detector, result in enumerate(results):
+        status = StageStatus.from_dict(result.get(timeout=timeout + 30))
+        if not status.ok or status.data.get("listed"):
+            raise RuntimeError(f"detector {detector}: {status.outcome} {status.reason}")
+        latencies.append(float(status.data["ended"]) - put_done[detector])
+    return latencies
+
+
+def measure_worker(settings: Settings, detectors: int, rounds: int, gap: float, timeout: float) -> dict[str, float]:
+    """Events through the production path: dispatcher process, gevent ``wait`` worker process."""
+    from prompt_tasks.celery import create_app
+
+    ctx = Context(settings)
+    app = create_app(settings)
+    try:
+        with running_dispatcher(ctx, "process"), _subprocess(settings, "wait", ["worker", "wait"]):
+            end = time.monotonic() + 60
+            while not (app.control.ping(timeout=1.0) or []):
+                if time.monotonic() > end:
+                    raise RuntimeError("the wait worker did not start")
+            run_worker_round(ctx, app, "worker-warm-up", min(detectors, 4), gap, timeout)
+            latencies: list[float] = []
+            for index in range(rounds):
+                group = f"2026-11-24T04:{index:02d}:00.{int(time.time() * 1e6) % 10**6:06d}"
+                latencies += run_worker_round(ctx, app, group, detectors, gap, timeout)
+            return _summary(latencies)
+    finally:
+        app.close()
+        ctx.close()
 
 
 def measure(settings: Settings, detectors: int, rounds: int, gap: float, poll: float,
@@ -198,18 +268,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="Longest wait (s).")
     parser.add_argument("--dispatcher", choices=("process", "thread"), default="process",
                         help="Run the dispatcher as its own process (as deployed) or in a thread.")
+    parser.add_argument("--worker", action="store_true",
+                        help="Also measure through the real wait_for_snap task on a gevent wait worker.")
     parser.add_argument("--json", action="store_true", help="Print JSON only.")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="snap-latency-") as root, private_stack(Path(root)) as settings:
         results = measure(settings, args.detectors, args.rounds, args.gap, args.poll, args.timeout,
                           args.dispatcher)
+        if args.worker:
+            results["wait_worker"] = measure_worker(settings, args.detectors, args.rounds, args.gap, args.timeout)
     if args.json:
         print(json.dumps(results, indent=2))
         return
     print(f"PUT complete -> wait returned, {args.detectors} detectors x {args.rounds} rounds, "
           f"{args.gap * 1e3:.0f} ms between PUTs, dispatcher in a {args.dispatcher}")
     print(f"{'method':<28}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}")
-    for name, label in (("events", "bucket events + BLPOP"), ("listing_poll", f"listing every {args.poll} s")):
+    rows = [("events", "bucket events + BLPOP"), ("listing_poll", f"listing every {args.poll} s")]
+    if args.worker:
+        rows.append(("wait_worker", "events, gevent wait worker"))
+    for name, label in rows:
         row = results[name]
         assert isinstance(row, dict)
         print(f"{label:<28}{row['n']:>6}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['max_ms']:>10}")
