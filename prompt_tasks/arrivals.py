@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TTL_S",
+    "VISIT_TOKEN",
     "Arrival",
     "WaitState",
     "abort_key",
@@ -71,22 +72,27 @@ class Arrival:
 
 
 def arrivals_key(instrument: str, group: str, detector: int) -> str:
+    """Hash of the detector-visit's indexed snaps."""
     return f"arrivals:{instrument}:{group}:{detector}"
 
 
 def wake_key(instrument: str, group: str, detector: int) -> str:
+    """List the detector-visit's waiter blocks on."""
     return f"wake:{instrument}:{group}:{detector}"
 
 
 def waiters_key(instrument: str, group: str) -> str:
+    """Set of the visit's detectors someone waits for."""
     return f"waiters:{instrument}:{group}"
 
 
 def end_key(instrument: str, group: str) -> str:
+    """Marker of the visit's signalled end."""
     return f"visit-end:{instrument}:{group}"
 
 
 def abort_key(instrument: str, group: str) -> str:
+    """Marker of the visit's abort (holds the reason)."""
     return f"abort:{instrument}:{group}"
 
 
