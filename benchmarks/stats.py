@@ -1,0 +1,285 @@
+"""Per-stage latencies of a benchmark run, from ledger records and the driver's PUT times.
+
+Pure functions: they take the raw ledger hash of a visit (``HGETALL visit:<instrument>:<group>``,
+see :mod:`prompt_tasks.ledger` for its layout), the times at which the driver's PUT of each
+raw completed, and when each detector-visit's export was committed, and return samples per
+stage; then percentiles and ratios. The baseline writes the same fields, so one extraction
+serves both.
+
+Stages (seconds, one sample per detector-visit unless said otherwise):
+
+``next_visit→prepared``
+    ``prepare.end − received``.
+``prepared→first snap``
+    ``first PUT − prepare.end``: negative when preparing was not done before the first snap.
+``PUT→snap indexed``
+    per snap: the arrival time the dispatcher recorded (``snap.<n>``) − its PUT completion.
+``PUT→snap seen``
+    the last snap's PUT completion → the waiting task has seen every snap (``wait.end``).
+``last snap→pipeline start``
+    last PUT → the pipeline's first task starts (``run.end − run.execute_s``): ingest,
+    hand-offs between stages and the quantum graph build.
+``pipeline run``
+    ``run.execute_s``: the pipeline tasks executing (pre-execution and the quanta).
+``pipeline end→summary``
+    ``summarized − run.end``.
+``export lag``
+    export committed − ``run.end``.
+``overhead``
+    the framework's cost on the critical path: ``(run.end − last PUT) − compute``, where
+    ``compute`` is the pipeline's own execution time (``run.execute_s``, or for the baseline
+    the same detector-visit's execution time measured in-process).
+``last snap→summary`` (one sample per visit)
+    ``summarized − the visit's last PUT``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "STAGES",
+    "DetectorVisit",
+    "Puts",
+    "detector_visits",
+    "first_vs_warm",
+    "percentile",
+    "ratios",
+    "stage_samples",
+    "summarize",
+    "throughput",
+    "visit_samples",
+]
+
+#: Stage names in report order.
+STAGES: tuple[str, ...] = (
+    "next_visit→prepared",
+    "prepared→first snap",
+    "PUT→snap indexed",
+    "PUT→snap seen",
+    "last snap→pipeline start",
+    "pipeline run",
+    "pipeline end→summary",
+    "export lag",
+    "overhead",
+    "last snap→summary",
+)
+
+#: ``(detector, snap) → unix time the PUT of that raw completed``.
+Puts = Mapping[tuple[int, int], float]
+
+
+@dataclass
+class DetectorVisit:
+    """The times of one detector-visit, as the ledger and the driver know them."""
+
+    group: str
+    detector: int
+    outcome: str = ""
+    received: float | None = None
+    summarized: float | None = None
+    #: ``<stage>.start`` / ``<stage>.end`` → unix time.
+    times: dict[str, float] = field(default_factory=dict)
+    #: Snap → unix time the dispatcher indexed it.
+    indexed: dict[int, float] = field(default_factory=dict)
+    #: Snap → unix time its PUT completed.
+    puts: dict[int, float] = field(default_factory=dict)
+    #: ``run.<part>_s`` → seconds (``graph``, ``execute``).
+    run_parts: dict[str, float] = field(default_factory=dict)
+    exported: float | None = None
+    worker: str = ""
+
+    @property
+    def last_put(self) -> float | None:
+        """When the last snap's PUT completed."""
+        return max(self.puts.values()) if self.puts else None
+
+    @property
+    def compute(self) -> float | None:
+        """Seconds the pipeline itself executed."""
+        return self.run_parts.get("execute")
+
+    @property
+    def pipeline_start(self) -> float | None:
+        """When the pipeline's tasks started executing."""
+        end, compute = self.times.get("run.end"), self.compute
+        return None if end is None or compute is None else end - compute
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def detector_visits(raw: Mapping[str, str], puts: Puts, exported: Mapping[int, float] | None = None
+                    ) -> list[DetectorVisit]:
+    """The detector-visits of one visit's raw ledger hash, with the driver's PUT times."""
+    import json
+
+    group = str(raw.get("group", ""))
+    received, summarized = _float(raw.get("received")), _float(raw.get("summarized"))
+    detectors = [int(d) for d in json.loads(raw.get("detectors") or "[]")]
+    out: dict[int, DetectorVisit] = {
+        det: DetectorVisit(group, det, received=received, summarized=summarized) for det in detectors
+    }
+    for name, value in raw.items():
+        if not (len(name) > 5 and name[0] == "d" and name[1:4].isdigit() and name[4] == "."):
+            continue
+        det, rest = int(name[1:4]), name[5:]
+        rec = out.setdefault(det, DetectorVisit(group, det, received=received, summarized=summarized))
+        if rest.startswith("snap.") and rest[5:].isdigit():
+            when = _float(value)
+            if when is not None:
+                rec.indexed[int(rest[5:])] = when
+        elif rest.endswith((".start", ".end")) and rest.count(".") == 1:
+            when = _float(value)
+            if when is not None:
+                rec.times[rest] = when
+        elif rest.startswith("run.") and rest.endswith("_s"):
+            seconds = _float(value)
+            if seconds is not None:
+                rec.run_parts[rest[4:-2]] = seconds
+        elif rest == "outcome":
+            rec.outcome = str(value)
+        elif rest == "worker":
+            rec.worker = str(value)
+    for (det, snap), when in puts.items():
+        if det in out:
+            out[det].puts[snap] = when
+    for det, when in (exported or {}).items():
+        if det in out:
+            out[det].exported = when
+    return [out[d] for d in sorted(out)]
+
+
+def _diff(later: float | None, earlier: float | None) -> float | None:
+    return None if later is None or earlier is None else later - earlier
+
+
+def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, int], float] | None = None
+                  ) -> dict[str, list[float]]:
+    """Samples of every per-detector stage (see the module doc) over ``visits``.
+
+    ``compute`` overrides the pipeline's execution time per ``(group, detector)`` (the
+    baseline borrows the in-process measurement of the same detector-visit).
+    """
+    out: dict[str, list[float]] = {stage: [] for stage in STAGES if stage != "last snap→summary"}
+
+    def add(stage: str, value: float | None) -> None:
+        if value is not None:
+            out[stage].append(value)
+
+    for dv in visits:
+        times = dv.times
+        own = dv.compute if compute is None else compute.get((dv.group, dv.detector), dv.compute)
+        run_end, last_put = times.get("run.end"), dv.last_put
+        add("next_visit→prepared", _diff(times.get("prepare.end"), dv.received))
+        first_put = min(dv.puts.values()) if dv.puts else None
+        add("prepared→first snap", _diff(first_put, times.get("prepare.end")))
+        for snap, when in sorted(dv.indexed.items()):
+            add("PUT→snap indexed", _diff(when, dv.puts.get(snap)))
+        add("PUT→snap seen", _diff(times.get("wait.end"), last_put))
+        start = None if run_end is None or own is None else run_end - own
+        add("last snap→pipeline start", _diff(start, last_put))
+        add("pipeline run", own if run_end is not None else None)
+        add("pipeline end→summary", _diff(dv.summarized, run_end))
+        add("export lag", _diff(dv.exported, run_end))
+        critical = _diff(run_end, last_put)
+        add("overhead", None if critical is None or own is None else critical - own)
+    return out
+
+
+def visit_samples(by_visit: Mapping[str, Sequence[DetectorVisit]]) -> list[float]:
+    """Per visit: its summary's time after its last PUT (``last snap→summary``)."""
+    out = []
+    for visits in by_visit.values():
+        puts = [dv.last_put for dv in visits if dv.last_put is not None]
+        summarized = next((dv.summarized for dv in visits if dv.summarized is not None), None)
+        if puts and summarized is not None:
+            out.append(summarized - max(puts))
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``values`` (linear interpolation between closest ranks)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
+    """``n``, ``p50``, ``p95``, ``max`` and ``mean`` of ``values`` (None when empty)."""
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "max": None, "mean": None}
+    return {
+        "n": len(values),
+        "p50": round(percentile(values, 50), 4),
+        "p95": round(percentile(values, 95), 4),
+        "max": round(max(values), 4),
+        "mean": round(sum(values) / len(values), 4),
+    }
+
+
+def ratios(ours: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]]
+           ) -> dict[str, dict[str, float | None]]:
+    """Baseline / ours of ``p50`` and ``p95`` for every stage both have (None where undefined)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for stage in ours:
+        if stage not in baseline:
+            continue
+        row: dict[str, float | None] = {}
+        for key in ("p50", "p95"):
+            a, b = ours[stage].get(key), baseline[stage].get(key)
+            row[key] = None if a is None or b is None or a <= 0 else round(b / a, 2)
+        out[stage] = row
+    return out
+
+
+def throughput(visits: Iterable[DetectorVisit]) -> float | None:
+    """Detector-visits run per minute, from the first PUT to the last pipeline end."""
+    visits = list(visits)
+    ends = [dv.times["run.end"] for dv in visits if "run.end" in dv.times]
+    puts = [min(dv.puts.values()) for dv in visits if dv.puts]
+    if not ends or not puts or max(ends) <= min(puts):
+        return None
+    return round(len(ends) / ((max(ends) - min(puts)) / 60.0), 2)
+
+
+def first_vs_warm(visits: Iterable[DetectorVisit]) -> dict[str, Any]:
+    """The critical path (last PUT → run end) and prepare time of each detector's first visit
+    against its later (warm) ones: medians and the difference."""
+    by_det: dict[int, list[DetectorVisit]] = {}
+    for dv in visits:
+        if dv.received is not None:
+            by_det.setdefault(dv.detector, []).append(dv)
+    first_crit, warm_crit, first_prep, warm_prep = [], [], [], []
+    for dvs in by_det.values():
+        dvs.sort(key=lambda dv: dv.received or 0.0)
+        for k, dv in enumerate(dvs):
+            crit = _diff(dv.times.get("run.end"), dv.last_put)
+            prep = _diff(dv.times.get("prepare.end"), dv.times.get("prepare.start"))
+            for value, first, warm in ((crit, first_crit, warm_crit), (prep, first_prep, warm_prep)):
+                if value is not None:
+                    (first if k == 0 else warm).append(value)
+
+    def med(values: list[float]) -> float | None:
+        return round(percentile(values, 50), 4) if values else None
+
+    out: dict[str, Any] = {
+        "first_critical_s": med(first_crit), "warm_critical_s": med(warm_crit),
+        "first_prepare_s": med(first_prep), "warm_prepare_s": med(warm_prep),
+    }
+    for kind in ("critical", "prepare"):
+        first, warm = out[f"first_{kind}_s"], out[f"warm_{kind}_s"]
+        out[f"{kind}_slower_s"] = None if first is None or warm is None else round(first - warm, 4)
+    return out
