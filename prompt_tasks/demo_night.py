@@ -24,11 +24,13 @@ from prompt_tasks.settings import Settings
 if TYPE_CHECKING:
     from prompt_tasks.stack.demo import DemoRun, Step
 
-__all__ = ["NIGHT_FILTERS", "NIGHT_VISITS", "SKIP_NAME", "night_steps", "visit_rows"]
+__all__ = ["NIGHT_CADENCE_S", "NIGHT_FILTERS", "NIGHT_VISITS", "SKIP_NAME", "night_steps", "visit_rows"]
 
 #: Science visits of the demo night, and their filters in order.
-NIGHT_VISITS = 4
-NIGHT_FILTERS = ("SimCam-g", "SimCam-r", "SimCam-i", "SimCam-r")
+NIGHT_VISITS = 3
+NIGHT_FILTERS = ("SimCam-g", "SimCam-r", "SimCam-i")
+#: Seconds between visit starts (two 15 s snaps take 32 s).
+NIGHT_CADENCE_S = 45.0
 
 
 #: Name to give ``prompt-tasks demo --skip`` to leave the night out (quick health checks, tests).
@@ -65,7 +67,7 @@ def _plan(settings: Settings, start: float) -> tuple[Any, list[Any]]:
         config = SimConfig.model_validate(read_camera(butler) or {})
     finally:
         butler.close()
-    plan = plan_night(config, NIGHT_VISITS + 1, start, cadence=40.0, lead=20.0, snaps=2)
+    plan = plan_night(config, NIGHT_VISITS + 1, start, cadence=NIGHT_CADENCE_S, lead=20.0, snaps=2)
     night = []
     for planned, physical_filter in zip(plan, [*NIGHT_FILTERS, NIGHT_FILTERS[0]], strict=True):
         survey = "engineering" if planned.index == NIGHT_VISITS else planned.spec.survey
@@ -203,14 +205,15 @@ def _table(run: DemoRun) -> str:
     settings = run.settings
     left = _wait_exported(settings)
     rows = visit_rows(settings, night["plan"], night["detectors"])
-    table = Table(title="the night, per visit (stage times: median over detectors, s)")
-    for column in ("group", "filter", "ok", "failed", "skipped", "pipeline", "prepare", "wait", "ingest", "run",
+    table = Table(title=f"the night of {rows[0]['group'][:10] if rows else ''}, per visit "
+                        "(stage times: median over detectors, s)", title_justify="left")
+    for column in ("group (TAI)", "filter", "ok", "failed", "skipped", "pipeline", "prepare", "wait", "ingest", "run",
                    "done after end (s)"):
         table.add_column(column)
     for row in rows:
         times = row["stage_times"]
         table.add_row(
-            row["group"], row["filter"] + (" (engineering)" if row["survey"] == "engineering" else ""),
+            row["group"][11:], row["filter"] + (" (engineering)" if row["survey"] == "engineering" else ""),
             str(row["ok"]), str(row["failed"]), str(row["skipped"]), row["pipelines"],
             *[f"{times[s]['median_s']:.1f}" if s in times else "-" for s in ("prepare", "wait", "ingest", "run")],
             "-" if row["after_end_s"] is None else f"{row['after_end_s']:.1f}",
