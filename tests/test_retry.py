@@ -191,3 +191,31 @@ def test_redelivered_too_often_is_failed_not_run(worker: Celery, rdb: redis.Redi
     assert (status["outcome"], status["code"]) == ("failed", retry.REDELIVERED_CODE)
     assert f"redelivered {settings.max_deliveries} times (worker crashed?)" in status["reason"]
     assert read_counters(rdb, "redeliveries") == {"stage=prepare": 1}
+
+
+def test_stage_progress_events(worker: Celery) -> None:
+    """Each stage sends ``task-stage`` events (start, end) that Flower and monitors can follow."""
+    import threading
+
+    got: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with worker.connection_for_read() as conn:
+            def on_event(event: dict[str, Any]) -> None:
+                if event.get("type") == "task-stage":
+                    got.append(event)
+                receiver.should_stop = len(got) >= 2
+
+            receiver = worker.events.Receiver(conn, handlers={"*": on_event})
+            ready.set()
+            receiver.capture(limit=None, timeout=30, wakeup=False)
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(10)
+    time.sleep(1.0)  # the receiver's queue is bound once capture starts
+    _send(worker, "prompt_tasks.prepare_repo", visit=_visit("events"), detector=3)
+    thread.join(30)
+    assert [(e["phase"], e["stage"], e["detector"]) for e in got] == [("start", "prepare", 3), ("end", "prepare", 3)]
+    assert got[1]["outcome"] in ("ok", "failed") and got[1]["group"] == "events"
