@@ -70,6 +70,8 @@ DEFAULTS_COLLECTION = "SimCam/defaults"
 RAW_RUN = "SimCam/raw/all"
 CAMERA_RUN = "SimCam/calib/unbounded"
 APDB_CONFIG_NAME = "apdb-config.yaml"
+#: Images ingested per registry transaction.
+_INGEST_BATCH = 64
 
 
 class CentralMismatch(RuntimeError):
@@ -189,16 +191,48 @@ def _open_repo(uri: str, registry_db: str | None, namespace: str | None, step: S
 
 def _put_missing(butler: Butler, dataset_type: str, run: str, wanted: Iterable[dict[str, Any]],
                  make: Callable[[dict[str, Any]], Any], step: Step) -> list[DatasetRef]:
-    """Put the datasets of ``wanted`` data ids not yet in ``run``; return the new refs."""
+    """Store the datasets of ``wanted`` data ids not yet in ``run``; return the new refs.
+
+    Images are written to files and ingested in batches (one registry transaction per batch,
+    deterministic dataset ids), which is several times faster than one ``put`` each.
+    """
     butler.registry.registerRun(run)
     have = _existing(butler, dataset_type, run)
-    refs = []
+    missing = []
     for data_id in wanted:
         if _key(butler, dataset_type, data_id) in have:
             step.existing += 1
-            continue
-        refs.append(butler.put(make(data_id), dataset_type, data_id, run=run))
-        step.created += 1
+        else:
+            missing.append(data_id)
+    step.created += len(missing)
+    if butler.get_dataset_type(dataset_type).storageClass_name != "CCDImage":
+        return [butler.put(make(data_id), dataset_type, data_id, run=run) for data_id in missing]
+    refs: list[DatasetRef] = []
+    for start in range(0, len(missing), _INGEST_BATCH):
+        refs += _ingest_images(butler, dataset_type, run, missing[start:start + _INGEST_BATCH], make)
+    return refs
+
+
+def _ingest_images(butler: Butler, dataset_type: str, run: str, data_ids: list[dict[str, Any]],
+                   make: Callable[[dict[str, Any]], Any]) -> list[DatasetRef]:
+    """Write ``CCDImage`` datasets to files and ingest them in one transaction."""
+    import tempfile
+
+    from lsst.daf.butler import DatasetIdGenEnum, FileDataset
+
+    from prompt_tasks.instruments.simcam.formatter import CCDImageFormatter, write_ccd
+
+    dtype = butler.get_dataset_type(dataset_type)
+    datasets, refs = [], []
+    with tempfile.TemporaryDirectory(prefix="central-") as tmp:
+        for i, data_id in enumerate(data_ids):
+            path = Path(tmp) / f"{i}.fits"
+            write_ccd(make(data_id)).writeto(path)
+            ref = DatasetRef(dtype, butler.registry.expandDataId(data_id), run=run,
+                             id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
+            datasets.append(FileDataset(path=str(path), refs=[ref], formatter=CCDImageFormatter))
+            refs.append(ref)
+        butler.ingest(*datasets, transfer="move")
     return refs
 
 
