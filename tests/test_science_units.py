@@ -11,6 +11,7 @@ from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
+from scipy import ndimage
 
 from prompt_tasks.science.alerts import (
     AlertSchema,
@@ -45,7 +46,7 @@ from prompt_tasks.science.runner import (
     parse_override,
     pipeline_path,
 )
-from prompt_tasks.science.subtract import fit_scale, match_psfs, warp_image
+from prompt_tasks.science.subtract import fit_kernel, fit_scale, match_psfs, warp_image
 
 SHAPE = (256, 256)
 
@@ -134,20 +135,45 @@ def test_measure_psf_sigma() -> None:
 
 
 def test_psf_matching_makes_static_stars_vanish() -> None:
+    """Broader science: the template is convolved; sharper science: both are."""
     rng = np.random.default_rng(5)
     x, y, flux = _stars(rng, 40)
     sharp = gaussian_image(SHAPE, x, y, flux, 1.4)
     broad = gaussian_image(SHAPE, x, y, flux, 2.2)
-    for science_sigma, template_sigma, science, template in (
-        (2.2, 1.4, broad, sharp),
-        (1.4, 2.2, sharp, broad),
-    ):
-        sci_m, tmpl_m, match = match_psfs(
-            science, template, science_sigma, template_sigma
+    sci_m, tmpl_m, match = match_psfs(broad, sharp, 2.2, 1.4)
+    assert match.convolved == "template" and match.matched_sigma == pytest.approx(2.2)
+    assert np.abs(sci_m - tmpl_m).max() < 1e-3 * broad.max()
+    sci_m, tmpl_m, match = match_psfs(sharp, broad, 1.4, 2.2)
+    assert match.convolved == "both"
+    assert match.matched_sigma == pytest.approx(math.hypot(1.4, 2.2))
+    assert match.preconvolution_sigma == pytest.approx(2.2)
+    assert match.kernel_sigma == pytest.approx(1.4)
+    assert np.abs(sci_m - tmpl_m).max() < 1e-3 * broad.max()
+
+
+def test_kernel_fit_matches_a_double_gaussian_psf_and_its_scale() -> None:
+    """A core+wing PSF is not matched by one Gaussian; the fitted kernel basis matches it."""
+    rng = np.random.default_rng(12)
+    x, y, flux = _stars(rng, 60)
+
+    def double(sigma: float) -> np.ndarray:
+        return 0.9 * gaussian_image(SHAPE, x, y, flux, sigma) + 0.1 * gaussian_image(
+            SHAPE, x, y, flux, 2 * sigma
         )
-        assert match.matched_sigma == pytest.approx(2.2)
-        residual = np.abs(sci_m - tmpl_m).max()
-        assert residual < 1e-3 * broad.max() * (2.2 / 1.4) ** 2
+
+    template = double(1.5) + rng.normal(0, 2.0, SHAPE)
+    science = 2.5 * double(1.9) + rng.normal(0, 5.0, SHAPE)
+    kernel = math.sqrt(1.9**2 - 1.5**2)
+    good = np.zeros(SHAPE, bool)
+    good[20:-20, 20:-20] = True
+    basis = [f * kernel for f in (1.0, 1.5, 2.0, 3.0)]
+    matched, coefficients = fit_kernel(science, template, good, basis)
+    assert coefficients[:-1].sum() == pytest.approx(2.5, rel=0.01)
+    residual = (science - matched)[good]
+    # Science noise 5 plus the scaled, convolved template noise (about 1.2): nothing else.
+    assert np.std(residual) < 5.3
+    single = 2.5 * ndimage.gaussian_filter(template, kernel)
+    assert np.abs(residual).max() < 0.5 * np.abs((science - single)[good]).max()
 
 
 def test_warp_image_follows_the_wcs() -> None:

@@ -196,19 +196,22 @@ def isolated(x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
 
 
 class AstrometryCheck:
-    """Offsets of detected stars from their reference positions (arcsec)."""
+    """Offsets of detected stars from their reference positions (arcsec).
+
+    The offset is the median per axis; the scatter is the per-axis robust (MAD) standard
+    deviation about it, so a blended or mismatched star does not dominate it.
+    """
 
     def __init__(self, d_ra: np.ndarray, d_dec: np.ndarray) -> None:
         self.n = len(d_ra)
         self.offset_ra = float(np.median(d_ra)) if self.n else math.nan
         self.offset_dec = float(np.median(d_dec)) if self.n else math.nan
-        residual = (
-            np.hypot(d_ra - self.offset_ra, d_dec - self.offset_dec)
-            if self.n
-            else np.zeros(0)
-        )
-        # For a 2-D Gaussian the rms radius is sqrt(2) sigma; report the per-axis scatter.
-        self.scatter = float(np.sqrt(np.mean(residual**2) / 2)) if self.n else math.nan
+        if self.n >= 2:
+            _, sigma_ra = robust_stats(d_ra)
+            _, sigma_dec = robust_stats(d_dec)
+            self.scatter = float(math.sqrt((sigma_ra**2 + sigma_dec**2) / 2))
+        else:
+            self.scatter = math.nan
 
 
 class CalibrateTask(pipe_base.PipelineTask):

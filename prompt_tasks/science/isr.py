@@ -83,6 +83,11 @@ class IsrConfig(pipe_base.PipelineTaskConfig, pipelineConnections=IsrConnections
     do_cosmic_rays = pex_config.Field[bool](
         doc="Flag cosmic-ray hits in the mask.", default=True
     )
+    adc_max = pex_config.Field[float](
+        doc="Largest value the digitizer delivers (ADU): pixels at it are saturated even when the "
+        "header's SATURATE is higher.",
+        default=65535.0,
+    )
     hot_pixel_electrons = pex_config.Field[float](
         doc="Mask pixels whose dark charge in this exposure exceeds this (e-): their noise is unmodelled.",
         default=200.0,
@@ -156,7 +161,10 @@ class IsrTask(pipe_base.PipelineTask):
         meta: Any = raw.meta
         gain = float(meta.get("GAIN", self.config.default_gain))
         read_noise = float(meta.get("RDNOISE", self.config.default_read_noise))
-        saturation = float(meta.get("SATURATE", self.config.default_saturation))
+        saturation = min(
+            float(meta.get("SATURATE", self.config.default_saturation)),
+            self.config.adc_max,
+        )
         electrons, sigma, bad = remove_signature(
             raw,
             bias,

@@ -29,8 +29,10 @@ __all__ = [
     "SubtractConfig",
     "SubtractConnections",
     "SubtractTask",
+    "fit_kernel",
     "fit_scale",
     "match_psfs",
+    "saturated_regions",
     "warp_image",
 ]
 
@@ -84,6 +86,23 @@ class SubtractConfig(
     )
     default_template_fwhm = pex_config.Field[float](
         doc="Template PSF FWHM (arcsec) when its header has no PSFFWHM.", default=0.7
+    )
+    kernel_basis = pex_config.ListField[float](
+        doc="Widths (in units of the nominal matching kernel) of the Gaussians whose linear "
+        "combination is fitted as the matching kernel; empty: the nominal Gaussian kernel only.",
+        default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
+    )
+    min_psf_ratio = pex_config.Field[float](
+        doc="Pre-convolve the science image unless its PSF is this much broader than the template's.",
+        default=1.2,
+    )
+    saturated_min_pixels = pex_config.Field[int](
+        doc="Masked blobs this large in the science image are saturated stars.",
+        default=2,
+    )
+    saturated_grow = pex_config.Field[float](
+        doc="Saturated stars are masked this many PSF sigmas beyond their core.",
+        default=6.0,
     )
     fit_clip = pex_config.Field[float](
         doc="Sigma clipping of the scale fit.", default=3.0
@@ -160,11 +179,13 @@ def warp_image(
 
 @dataclass(frozen=True)
 class PsfMatch:
-    """Which image was convolved, with what kernel, and the common PSF sigma (pixels)."""
+    """How the two images were brought to a common PSF (sigmas in pixels)."""
 
-    convolved: str  # "template", "science" or "none"
+    #: ``"template"`` or ``"both"`` (the science image pre-convolved too).
+    convolved: str
     kernel_sigma: float
     matched_sigma: float
+    preconvolution_sigma: float = 0.0
 
 
 def match_psfs(
@@ -172,26 +193,100 @@ def match_psfs(
     template: np.ndarray,
     science_sigma: float,
     template_sigma: float,
+    min_ratio: float = 1.2,
 ) -> tuple[np.ndarray, np.ndarray, PsfMatch]:
-    """Convolve the sharper image with the Gaussian bringing it to the broader PSF.
+    """Bring both images to one PSF by convolving the template (and the science).
 
     For Gaussian PSFs the matching kernel is exactly a Gaussian of sigma
-    sqrt(broad² − sharp²).
+    sqrt(science² − template²). When the science PSF is not at least ``min_ratio`` times
+    broader than the template's, the science image is first convolved with (a Gaussian model
+    of) the template's PSF: then science ⊗ PSF_template = template ⊗ PSF_science, and the
+    kernel taking the template there is the science PSF itself, which a positive kernel can
+    always represent, wings included ("pre-convolution").
     """
-    if abs(science_sigma - template_sigma) < 1e-3:
-        return science, template, PsfMatch("none", 0.0, science_sigma)
-    broad, sharp = (
-        max(science_sigma, template_sigma),
-        min(science_sigma, template_sigma),
-    )
-    kernel = math.sqrt(broad**2 - sharp**2)
-    if template_sigma < science_sigma:
-        template = ndimage.gaussian_filter(
-            template, kernel, mode="constant", truncate=4.0
+    if science_sigma >= min_ratio * template_sigma:
+        pre, target = 0.0, science_sigma
+    else:
+        pre, target = template_sigma, math.hypot(science_sigma, template_sigma)
+    if pre > 0:
+        science = ndimage.gaussian_filter(science, pre, mode="constant", truncate=4.0)
+    kernel = math.sqrt(target**2 - template_sigma**2)
+    template = ndimage.gaussian_filter(template, kernel, mode="constant", truncate=4.0)
+    convolved = "both" if pre > 0 else "template"
+    return science, template, PsfMatch(convolved, kernel, target, pre)
+
+
+def saturated_regions(bad: np.ndarray, min_pixels: int, grow: float) -> np.ndarray:
+    """Masked blobs of at least ``min_pixels`` (saturated star cores), grown by ``grow`` pixels.
+
+    Isolated bad pixels (hot pixels, a cosmic ray in every snap) are left out: calibration
+    interpolated them and they do no harm; a saturated core is surrounded by a bright halo
+    that must be masked too.
+    """
+    if not bad.any():
+        return np.zeros_like(bad)
+    labels, n = ndimage.label(bad)
+    sizes = ndimage.sum_labels(bad, labels, np.arange(1, n + 1))
+    big = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
+    if not big.any():
+        return big
+    return ndimage.binary_dilation(big, iterations=max(1, math.ceil(grow)))
+
+
+def fit_kernel(
+    science: np.ndarray,
+    template: np.ndarray,
+    good: np.ndarray,
+    sigmas: Sequence[float],
+    clip: float = 4.0,
+    iterations: int = 5,
+    photon_noise: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Alard-Lupton-style matching: science ≈ Σ c_i (template ⊗ G_σi) + offset.
+
+    The kernel is a linear combination of Gaussians of the given widths (σ = 0: a delta),
+    fitted by weighted least squares over the ``good`` pixels. Each pixel is weighted by its
+    noise: the sky noise plus, with ``photon_noise`` (science in electrons), the photon noise
+    of the model, so bright stars (which carry the PSF-shape information) count fully without
+    dominating. Pixels deviating by more than ``clip`` of their own sigma (transients, cosmic
+    rays) are dropped at each iteration. A sum of Gaussians matches PSFs that are not single
+    Gaussians (cores and wings of different widths); the sum of the coefficients is the
+    photometric scale. Returns the matched template and the coefficients (offset last).
+    """
+    basis = [
+        template
+        if sigma <= 0
+        else ndimage.gaussian_filter(template, sigma, mode="constant", truncate=4.0)
+        for sigma in sigmas
+    ]
+    step = max(1, int(good.sum()) // 400_000)
+    index = np.flatnonzero(good)[::step]
+    design = np.column_stack([b.ravel()[index] for b in basis] + [np.ones(len(index))])
+    target = science.ravel()[index]
+    _, sky_sigma = robust_stats(target)
+    sky_variance = max(sky_sigma, 1e-12) ** 2
+    use = np.ones(len(index), dtype=bool)
+    weights = np.ones(len(index))
+    coefficients = np.zeros(len(basis) + 1)
+    coefficients[0] = 1.0
+    for _ in range(iterations):
+        if use.sum() < 10 * design.shape[1]:
+            break
+        sqrt_w = np.sqrt(weights[use])
+        coefficients, *_ = np.linalg.lstsq(
+            design[use] * sqrt_w[:, None], target[use] * sqrt_w, rcond=None
         )
-        return science, template, PsfMatch("template", kernel, broad)
-    science = ndimage.gaussian_filter(science, kernel, mode="constant", truncate=4.0)
-    return science, template, PsfMatch("science", kernel, broad)
+        model = design @ coefficients
+        variance = sky_variance + (np.clip(model, 0, None) if photon_noise else 0.0)
+        weights = 1.0 / variance
+        normalized = (target - model) * np.sqrt(weights)
+        _, scatter = robust_stats(normalized[use])
+        use = np.abs(normalized) < clip * max(scatter, 1e-12)
+    matched = (
+        sum(c * b for c, b in zip(coefficients[:-1], basis, strict=True))
+        + coefficients[-1]
+    )
+    return np.asarray(matched), coefficients
 
 
 def fit_scale(
@@ -268,16 +363,40 @@ class SubtractTask(pipe_base.PipelineTask):
             else np.asarray(science.mask, dtype=bool)
         )
         sci = np.where(bad, 0.0, np.asarray(science.data, dtype=np.float64))
-        sci_m, tmpl_m, match = match_psfs(sci, warped, science_sigma, template_sigma)
-        # Convolution spreads the template's edge: grow the mask by the kernel's reach.
-        if match.kernel_sigma > 0:
-            bad = ndimage.binary_dilation(
-                bad, iterations=max(1, math.ceil(3 * match.kernel_sigma))
-            )
-        scale, offset = fit_scale(
-            sci_m, tmpl_m, ~(bad | science_bad), self.config.fit_clip
+        sci_m, tmpl_m, match = match_psfs(
+            sci, warped, science_sigma, template_sigma, self.config.min_psf_ratio
         )
-        matched = scale * tmpl_m + offset
+        # Convolution spreads the template's edge: grow the mask by the kernels' reach.
+        reach = math.ceil(
+            3
+            * max(
+                match.kernel_sigma * max(self.config.kernel_basis or [1.0]),
+                match.preconvolution_sigma,
+            )
+        )
+        bad = ndimage.binary_dilation(bad, iterations=max(1, reach))
+        # Saturated stars: their halos neither fit the kernel nor subtract cleanly.
+        saturated = saturated_regions(
+            science_bad,
+            self.config.saturated_min_pixels,
+            self.config.saturated_grow * match.matched_sigma,
+        )
+        bad |= saturated
+        fit_pixels = ~(bad | science_bad)
+        if self.config.kernel_basis:
+            # Fit a sum-of-Gaussians kernel (core and wings) around the nominal one.
+            sigmas = [f * match.kernel_sigma for f in self.config.kernel_basis]
+            matched, coefficients = fit_kernel(
+                sci_m,
+                warped,
+                fit_pixels,
+                sigmas,
+                self.config.fit_clip,
+            )
+            scale, offset = float(np.sum(coefficients[:-1])), float(coefficients[-1])
+        else:
+            scale, offset = fit_scale(sci_m, tmpl_m, fit_pixels, self.config.fit_clip)
+            matched = scale * tmpl_m + offset
         difference = np.where(bad, 0.0, sci_m - matched)
         variance = (
             np.asarray(science.uncertainty.array, dtype=np.float64) ** 2
@@ -291,6 +410,10 @@ class SubtractTask(pipe_base.PipelineTask):
         )
         out_header["PSFMATCH"] = card(
             match.convolved, "image convolved for PSF matching"
+        )
+        out_header["SCISIG"] = card(science_sigma, "science PSF sigma (pixels)")
+        out_header["PRECONV"] = card(
+            match.preconvolution_sigma, "science pre-convolution sigma (pixels)"
         )
         out_header["KERNSIG"] = card(
             match.kernel_sigma, "matching kernel sigma (pixels)"
