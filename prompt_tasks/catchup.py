@@ -308,6 +308,19 @@ def send_chain(app: Celery, rec: CatchupRecord) -> str:
     return str(chain(*steps).apply_async().id)
 
 
+def _succeeded_late(client: redis.Redis, rec: CatchupRecord) -> bool:
+    """Settle ``rec`` as done if its chain finished ok after the summary gave up on it."""
+    from prompt_tasks import ledger
+
+    visit = ledger.read_visit(client, rec.instrument, rec.group)
+    det = visit.detectors.get(rec.detector) if visit is not None else None
+    if det is None or not det.final or det.outcome != Outcome.OK.value:
+        return False
+    finish_attempt(client, {"outcome": "ok", "stage": det.stage, "reason": "completed after the summary"},
+                   rec.instrument, rec.group, rec.detector, max_attempts=rec.attempts + 1)
+    return True
+
+
 def run_catchup(app: Celery, ctx: Context, limit: int | None = None, force: bool = False,
                 dry_run: bool = False, now: float | None = None) -> dict[str, Any]:
     """Redo the pending records whose raws are in the bucket (see the module docstring).
@@ -324,6 +337,7 @@ def run_catchup(app: Celery, ctx: Context, limit: int | None = None, force: bool
         return {"sent": [], "waiting": [], "skipped": "visits in flight"}
     pending = [r for r in list_records(client, ["pending"])
                if r.redoable and r.attempts < settings.catchup_max_attempts]
+    pending = [r for r in pending if not _succeeded_late(client, r)]
     present: dict[str, int] = {}
     for rec in pending:
         try:

@@ -134,3 +134,25 @@ def test_beat_job_acts_only_in_its_window_and_never_with_visits_in_flight(settin
     finally:
         ctx.close()
         app.close()
+
+
+def test_a_detector_that_finished_after_its_deadline_is_settled_not_redone(settings: Settings,
+                                                                          rdb: redis.Redis) -> None:
+    from prompt_tasks.celery import create_app
+    from prompt_tasks.status import Outcome, StageStatus
+
+    visit = make_visit(INSTRUMENT)
+    ledger.create_visit(rdb, visit, [1], 600, deadline=time.time())
+    summary = {"instrument": INSTRUMENT, "group": visit.groupId, "detectors": {
+        "1": {"outcome": "failed", "stage": "run", "reason": ledger.DEADLINE_REASON, "code": ledger.DEADLINE_CODE}}}
+    catchup.record_failures(rdb, ledger.read_visit(rdb, INSTRUMENT, visit.groupId), summary)
+    ledger.record_stage_end(rdb, StageStatus("run", Outcome.OK, INSTRUMENT, visit.groupId, 1), 600)  # late
+    app = create_app(settings)
+    ctx = Context(settings)
+    try:
+        assert catchup.run_catchup(app, ctx, force=True)["sent"] == []
+    finally:
+        ctx.close()
+        app.close()
+    rec = catchup.read_record(rdb, INSTRUMENT, visit.groupId, 1)
+    assert rec is not None and rec.state == "done" and rec.history[-1]["reason"] == "completed after the summary"
