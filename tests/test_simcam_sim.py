@@ -204,3 +204,27 @@ def test_difference_magnitude_of_transients(config: SimConfig) -> None:
     assert "diff_mag" in truth.colnames
     new = truth[truth["kind"] == "new"]
     assert np.allclose(new["diff_mag"], new["mag"])
+
+
+def test_saturated_charge_bleeds_along_the_column() -> None:
+    from prompt_tasks.instruments.simcam.raws import bleed
+
+    counts = np.full((21, 5), 100.0)
+    counts[10, 2] = 100.0 + 5 * 1000.0  # 5000 e- above a full well of 1000
+    out = bleed(counts, 1000.0)
+    assert out.max() <= 1000.0
+    assert out.sum() == pytest.approx(counts.sum())  # charge is conserved
+    assert np.count_nonzero(out[:, 2] >= 1000.0) >= 5  # a vertical trail
+    assert np.array_equal(out[:, [0, 1, 3, 4]], counts[:, [0, 1, 3, 4]])
+    assert out[7, 2] == out[13, 2]  # symmetric up and down
+
+
+def test_a_bright_star_saturates_with_a_trail() -> None:
+    from prompt_tasks.instruments.simcam.raws import bleed
+    from prompt_tasks.instruments.simcam.render import render_points
+
+    flux = 10 ** (-0.4 * (12.0 - ZERO_POINTS["r"])) * 15.0  # a 12th-magnitude star in 15 s
+    image = render_points((128, 128), np.array([64.0]), np.array([64.0]), np.array([flux]), 4.0)
+    out = bleed(image, calibs.FULL_WELL)
+    assert out.max() == calibs.FULL_WELL
+    assert np.count_nonzero(out[:, 64] >= calibs.FULL_WELL) > np.count_nonzero(out[64, :] >= calibs.FULL_WELL)

@@ -14,6 +14,7 @@ their per-pixel noise in the header (``NOISE``), not as an extension.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from astropy.nddata import CCDData
@@ -41,6 +42,8 @@ BIAS_LEVEL = 1000.0
 FULL_WELL = 100_000.0
 #: Frames stacked into a master (sets the master's residual noise).
 _STACKED = 25
+#: Largest detector size whose flat responses are memoised.
+_MEMO_MAX_SIZE = 1024
 
 
 def _rng(config: SimConfig, *key: int) -> np.random.Generator:
@@ -78,11 +81,25 @@ def dark_rate(config: SimConfig, detector: int) -> np.ndarray:
 
 
 def flat_response(config: SimConfig, detector: int, band: str, epoch: int) -> np.ndarray:
-    """The true relative response of ``detector`` in ``band`` (mean 1).
+    """The true relative response of ``detector`` in ``band`` (mean 1, read-only).
 
     Vignetting is radial over the focal plane; the pixel response non-uniformity is fixed per
-    detector (stronger in the blue); dust donuts differ between epochs.
+    detector (stronger in the blue); dust donuts differ between epochs. Detectors up to
+    1024² are memoised (every snap of a visit needs the same response).
     """
+    if config.size <= _MEMO_MAX_SIZE:
+        return _flat_memo(config, detector, band, epoch)
+    return _flat_response(config, detector, band, epoch)
+
+
+@lru_cache(maxsize=64)
+def _flat_memo(config: SimConfig, detector: int, band: str, epoch: int) -> np.ndarray:
+    flat = _flat_response(config, detector, band, epoch)
+    flat.setflags(write=False)
+    return flat
+
+
+def _flat_response(config: SimConfig, detector: int, band: str, epoch: int) -> np.ndarray:
     plane = config.focal_plane
     det = plane[detector]
     n = config.size

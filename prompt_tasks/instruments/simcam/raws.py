@@ -44,6 +44,7 @@ __all__ = [
     "CALIBRATION_EXPTIME",
     "CALIBRATION_TYPES",
     "SATURATE_ADU",
+    "bleed",
     "simulate_calibration",
     "simulate_snap",
     "simulate_visit",
@@ -159,13 +160,39 @@ def _cosmic_rays(rng: np.random.Generator, shape: tuple[int, int], seconds: floa
     return image
 
 
+def _fill(segment: np.ndarray, charge: float, full_well: float) -> None:
+    """Pour ``charge`` into ``segment`` (in order) up to ``full_well`` per pixel, in place."""
+    room = np.maximum(full_well - segment, 0.0)
+    cumulative = np.cumsum(room)
+    k = int(np.searchsorted(cumulative, charge, side="right"))
+    segment[:k] += room[:k]
+    if k < len(segment):
+        segment[k] += charge - (cumulative[k - 1] if k else 0.0)
+
+
+def bleed(counts: np.ndarray, full_well: float) -> np.ndarray:
+    """Charge above ``full_well`` spills along its column, half up and half down, as in a CCD.
+
+    Charge that reaches the top or bottom edge is lost.
+    """
+    out = counts.copy()
+    for col in np.flatnonzero((out > full_well).any(axis=0)):
+        column = out[:, col]
+        over = np.flatnonzero(column > full_well)
+        half = float((column[over] - full_well).sum()) / 2
+        column[over] = full_well
+        _fill(column[over[0] - 1::-1] if over[0] > 0 else column[:0], half, full_well)
+        _fill(column[over[-1] + 1:], half, full_well)
+    return out
+
+
 def _digitise(config: SimConfig, electrons: np.ndarray, detector: int, epoch: int, darktime: float,
               rng: np.random.Generator, seconds_exposed: float) -> np.ndarray:
     """Add dark current, photon noise, saturation, cosmic rays, gain, bias and read noise."""
     mean = electrons + calibs.dark_rate(config, detector) * darktime
     counts = rng.poisson(np.clip(mean, 0, None)).astype(np.float64)
     counts += _cosmic_rays(rng, counts.shape, darktime)
-    counts = np.minimum(counts, calibs.FULL_WELL)
+    counts = bleed(counts, calibs.FULL_WELL)
     adu = counts / calibs.gain(detector) + calibs.bias_frame(config, detector, epoch)
     adu += rng.normal(0.0, calibs.read_noise(detector) / calibs.gain(detector), adu.shape)
     return np.clip(np.rint(adu), 0, SATURATE_ADU).astype(np.int32)
