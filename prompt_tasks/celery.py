@@ -40,6 +40,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # connection; the message comes back after the visibility timeout: stages are idempotent).
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
+        # a pool process grown past this (a leak, a huge visit) is replaced after its task
+        "worker_max_memory_per_child": settings.max_memory_per_child_kb or None,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": broker_transport_options(settings),
         # kombu's Redis transport, made to survive a Redis restart (see prompt_tasks.brokers)

@@ -2,7 +2,7 @@
 
 The intake process serves it (a thread, :class:`MetricsServer`). At each scrape it reads
 
-- the per-stage latency histograms (``stage``, label ``stage``: prepare, wait, ingest, run;
+- the per-stage latency histograms (``stage``, label ``stage``: prepare, wait, ingest, run, export;
   ``snap_to_run``: last snap arrival → pipeline start) and the counters (``outcomes`` by
   outcome and stage, ``failures`` by stage and code, ``retries``, ``redeliveries``,
   ``pool_children``) that every process records in Redis (:mod:`prompt_tasks.metrics`);

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         10, description="Seconds between kombu's sweeps returning a dead worker's unacked messages (Redis)."
     )
     max_deliveries: int = Field(3, description="Deliveries of one stage task before its detector-visit fails.")
+    max_memory_per_child_kb: int = Field(
+        0, description="Replace a pool process after a task leaves it above this resident size (KiB; 0: never)."
+    )
 
     # --- object store -------------------------------------------------------------------
     s3_endpoint: str | None = Field(None, description="S3 endpoint URL; default: the embedded server.")

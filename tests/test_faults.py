@@ -205,7 +205,9 @@ def test_worker_sigkilled_mid_run_is_redone_elsewhere(stack: Stack) -> None:
 
 
 def test_pool_child_killed_and_memory_limit(stack: Stack) -> None:
-    _aux_and_detectors(stack, 1, extra=("--max-memory-per-child=1",), queues=QUEUES)
+    # every task leaves its pool process above 1 KiB: each is replaced after its task
+    stack.fleet.settings = stack.settings.model_copy(update={"max_memory_per_child_kb": 1})
+    _aux_and_detectors(stack, 1, queues=QUEUES)
     visit = make_visit(INSTRUMENT)
     _index_raws(stack.rdb, visit, DETECTORS)
     stack.rdb.set(fault_key(INSTRUMENT, visit.groupId, 0, "run"), "sleep:3", ex=600)
