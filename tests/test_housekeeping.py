@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -184,3 +185,49 @@ def test_two_hosts_share_the_detectors_and_keep_only_their_repos(
 
 def housekeeping_assignment(rdb: redis.Redis) -> dict[str, list[str]]:
     return {str(w): json.loads(qs) for w, qs in rdb.hgetall(ASSIGNMENT_KEY).items()}
+
+
+def test_beat_schedule_names_registered_tasks_on_a_worker_queue(settings: Settings) -> None:
+    import beat_schedule
+    import prompt_tasks.operations
+    import prompt_tasks.tasks  # noqa: F401
+    from prompt_tasks.celery import create_app
+
+    app = create_app(settings)
+    try:
+        entries = beat_schedule.schedule(settings)
+        assert {"catchup", "housekeeping", "expiry", "fleet-gauges"} <= set(entries)
+        for entry in entries.values():
+            assert entry["task"] in app.tasks
+            # a worker queue, never a broadcast queue (DESIGN.md)
+            assert entry["options"]["queue"] in ("default", "export")
+        assert entries["catchup"]["schedule"] == settings.catchup_interval_s
+        assert app.conf.beat_schedule == entries
+    finally:
+        app.close()
+
+
+@pytest.mark.slow
+def test_the_intake_process_serves_metrics(settings: Settings, rdb: redis.Redis, tmp_path: Path) -> None:
+    from prompt_tasks.metrics import count, observe
+
+    observe(rdb, "stage", 0.4, stage="ingest")
+    count(rdb, "failures", stage="run", code="pipeline_error")
+    fleet = Fleet(settings, tmp_path)
+    script = Path(sys.executable).parent / "prompt-tasks"
+    fleet._spawn("intake", [str(script), "intake", "--no-stream", "--no-controller", "--loglevel", "WARNING"])
+    url = f"http://{settings.host}:{settings.metrics_port}/metrics"
+
+    def scrape() -> str | None:
+        try:
+            return urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            return None
+
+    try:
+        text = wait_until(scrape, 60, "/metrics of the intake")
+    finally:
+        fleet.stop_all()
+    assert 'prompt_tasks_stage_seconds_bucket{le="0.5",stage="ingest"} 1.0' in text
+    assert 'prompt_tasks_failures_total{code="pipeline_error",stage="run"} 1.0' in text
+    assert 'prompt_tasks_queue_depth{queue="wait"} 0.0' in text
