@@ -23,6 +23,7 @@ __all__ = [
     "background_model",
     "card",
     "detect_peaks",
+    "empirical_psf",
     "gaussian_image",
     "measure_psf_sigma",
     "peaks_table",
@@ -304,6 +305,46 @@ def measure_psf_sigma(
             w2 = p2
         out[k] = math.sqrt(p2) if math.isfinite(p2) and p2 > 0 else math.nan
     return out
+
+
+def empirical_psf(
+    image: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    half: int,
+    mask: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """A PSF image (2·half+1 square, sum 1) stacked from the stars at (``x``, ``y``).
+
+    Each star's cutout is shifted to the stamp centre (cubic spline), normalized to unit
+    sum and the median of the stack taken, so a neighbour or a cosmic ray in one stamp does
+    not enter. Stars whose stamp leaves the image or touches ``mask`` are skipped; None when
+    fewer than three stars remain.
+    """
+    ny, nx = image.shape
+    pad = half + 2
+    stamps = []
+    for xi, yi in zip(np.asarray(x, float), np.asarray(y, float), strict=True):
+        ix, iy = round(xi), round(yi)
+        if not (pad <= ix < nx - pad and pad <= iy < ny - pad):
+            continue
+        window = (slice(iy - pad, iy + pad + 1), slice(ix - pad, ix + pad + 1))
+        if mask is not None and mask[window].any():
+            continue
+        cut = ndimage.shift(
+            image[window].astype(np.float64),
+            (iy - yi, ix - xi),
+            order=3,
+            mode="nearest",
+        )
+        stamp = cut[2:-2, 2:-2]
+        total = stamp.sum()
+        if total > 0:
+            stamps.append(stamp / total)
+    if len(stamps) < 3:
+        return None
+    psf = np.clip(np.median(stamps, axis=0), 0, None)
+    return psf / psf.sum()
 
 
 def peaks_table(peaks: Peaks, wcs: WCS | None) -> Table:

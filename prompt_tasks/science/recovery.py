@@ -30,9 +30,11 @@ def expected_snr(
 ) -> np.ndarray:
     """Expected |S/N| of each transient's PSF flux on the difference image.
 
-    ``zero_point`` is the magnitude of 1 e-/s; ``pixel_noise`` the per-pixel noise of the
-    difference (e-); the PSF-flux error of a Gaussian PSF in white noise is
-    ``pixel_noise · sqrt(4π) · psf_sigma``.
+    ``zero_point`` is the magnitude of 1 e-/s; ``pixel_noise`` the per-pixel noise (e-) and
+    ``psf_sigma`` the PSF sigma (pixels) of the science image, which give the best S/N any
+    detector can reach: the PSF-flux error of a Gaussian PSF in white noise is
+    ``pixel_noise · sqrt(4π) · psf_sigma``. (A difference image's pixel noise is no measure
+    of it: PSF matching correlates the noise.)
     """
     now = 10 ** (-0.4 * (np.asarray(mag, dtype=np.float64) - zero_point)) * exptime
     ref = np.asarray(ref_mag, dtype=np.float64)

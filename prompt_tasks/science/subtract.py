@@ -20,9 +20,16 @@ import lsst.pipe.base.connectionTypes as cT
 import numpy as np
 from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.wcs import WCS
-from scipy import ndimage
+from scipy import ndimage, signal
 
-from prompt_tasks.science.imaging import GAUSSIAN_FWHM, card, robust_stats, wcs_of
+from prompt_tasks.science.imaging import (
+    GAUSSIAN_FWHM,
+    card,
+    detect_peaks,
+    empirical_psf,
+    robust_stats,
+    wcs_of,
+)
 
 __all__ = [
     "PsfMatch",
@@ -105,7 +112,8 @@ class SubtractConfig(
         default=6.0,
     )
     fit_clip = pex_config.Field[float](
-        doc="Sigma clipping of the scale fit.", default=3.0
+        doc="Pixels this many of their own sigmas off the kernel fit are left out (transients).",
+        default=6.0,
     )
     min_coverage = pex_config.Field[float](
         doc="Fail (no work) when templates cover less than this fraction of the detector.",
@@ -194,6 +202,7 @@ def match_psfs(
     science_sigma: float,
     template_sigma: float,
     min_ratio: float = 1.2,
+    template_psf: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, PsfMatch]:
     """Bring both images to one PSF by convolving the template (and the science).
 
@@ -202,13 +211,17 @@ def match_psfs(
     broader than the template's, the science image is first convolved with (a Gaussian model
     of) the template's PSF: then science ⊗ PSF_template = template ⊗ PSF_science, and the
     kernel taking the template there is the science PSF itself, which a positive kernel can
-    always represent, wings included ("pre-convolution").
+    always represent, wings included ("pre-convolution"). ``template_psf``, an image of the
+    template's PSF (e.g. stacked from its stars), makes that exact for PSFs that are not
+    Gaussian.
     """
     if science_sigma >= min_ratio * template_sigma:
         pre, target = 0.0, science_sigma
     else:
         pre, target = template_sigma, math.hypot(science_sigma, template_sigma)
-    if pre > 0:
+    if pre > 0 and template_psf is not None:
+        science = signal.fftconvolve(science, template_psf, mode="same")
+    elif pre > 0:
         science = ndimage.gaussian_filter(science, pre, mode="constant", truncate=4.0)
     kernel = math.sqrt(target**2 - template_sigma**2)
     template = ndimage.gaussian_filter(template, kernel, mode="constant", truncate=4.0)
@@ -238,7 +251,7 @@ def fit_kernel(
     template: np.ndarray,
     good: np.ndarray,
     sigmas: Sequence[float],
-    clip: float = 4.0,
+    clip: float = 6.0,
     iterations: int = 5,
     photon_noise: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +279,8 @@ def fit_kernel(
     _, sky_sigma = robust_stats(target)
     sky_variance = max(sky_sigma, 1e-12) ** 2
     use = np.ones(len(index), dtype=bool)
-    weights = np.ones(len(index))
+    # First weights from the science pixels themselves, later ones from the model.
+    weights = 1.0 / (sky_variance + (np.clip(target, 0, None) if photon_noise else 0.0))
     coefficients = np.zeros(len(basis) + 1)
     coefficients[0] = 1.0
     for _ in range(iterations):
@@ -363,8 +377,16 @@ class SubtractTask(pipe_base.PipelineTask):
             else np.asarray(science.mask, dtype=bool)
         )
         sci = np.where(bad, 0.0, np.asarray(science.data, dtype=np.float64))
+        template_psf = None
+        if science_sigma < self.config.min_psf_ratio * template_sigma:
+            template_psf = self._template_psf(warped, covered, template_sigma)
         sci_m, tmpl_m, match = match_psfs(
-            sci, warped, science_sigma, template_sigma, self.config.min_psf_ratio
+            sci,
+            warped,
+            science_sigma,
+            template_sigma,
+            self.config.min_psf_ratio,
+            template_psf,
         )
         # Convolution spreads the template's edge: grow the mask by the kernels' reach.
         reach = math.ceil(
@@ -455,6 +477,27 @@ class SubtractTask(pipe_base.PipelineTask):
             mask=bad,
         )
         return pipe_base.Struct(difference=diff_image, matched_template=tmpl_image)
+
+    def _template_psf(
+        self, warped: np.ndarray, covered: np.ndarray, sigma: float
+    ) -> np.ndarray | None:
+        """The warped template's PSF stacked from its bright isolated stars (None if too few)."""
+        from prompt_tasks.science.calibrate import isolated
+
+        stars = detect_peaks(
+            warped / max(robust_stats(warped[covered][::7])[1], 1e-12),
+            sigma,
+            50.0,
+            mask=~covered,
+        )
+        keep = isolated(stars.x, stars.y, 6 * sigma)
+        half = math.ceil(5 * sigma)
+        psf = empirical_psf(warped, stars.x[keep], stars.y[keep], half, mask=~covered)
+        self.log.info(
+            "Template PSF stacked from %d stars",
+            int(keep.sum()) if psf is not None else 0,
+        )
+        return psf
 
     def _assemble_template(
         self, templates: Sequence[CCDData], science_wcs: WCS, shape: tuple[int, int]
