@@ -31,6 +31,11 @@ Stages (seconds, one sample per detector-visit unless said otherwise):
     the same detector-visit's execution time measured in-process).
 ``last snap→summary`` (one sample per visit)
     ``summarized − the visit's last PUT``.
+
+and the parts of ``last snap→pipeline start`` (:data:`BREAKDOWN`): ``wait→ingest`` (from the
+waiting task's end to the ingest task's start: the hand-off through the broker), ``ingest``,
+``ingest→run`` (hand-off), ``graph build`` (``run.graph_s``) and ``run set-up`` (the rest of
+the run stage before the pipeline executes: pipeline selection, repo and executor set-up).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "BREAKDOWN",
     "STAGES",
     "DetectorVisit",
     "Puts",
@@ -67,6 +73,9 @@ STAGES: tuple[str, ...] = (
     "overhead",
     "last snap→summary",
 )
+
+#: The parts of ``last snap→pipeline start``.
+BREAKDOWN: tuple[str, ...] = ("wait→ingest", "ingest", "ingest→run", "graph build", "run set-up")
 
 #: ``(detector, snap) → unix time the PUT of that raw completed``.
 Puts = Mapping[tuple[int, int], float]
@@ -169,7 +178,7 @@ def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, i
     ``compute`` overrides the pipeline's execution time per ``(group, detector)`` (the
     baseline borrows the in-process measurement of the same detector-visit).
     """
-    out: dict[str, list[float]] = {stage: [] for stage in STAGES if stage != "last snap→summary"}
+    out: dict[str, list[float]] = {stage: [] for stage in (*STAGES, *BREAKDOWN) if stage != "last snap→summary"}
 
     def add(stage: str, value: float | None) -> None:
         if value is not None:
@@ -190,6 +199,13 @@ def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, i
         add("pipeline run", own if run_end is not None else None)
         add("pipeline end→summary", _diff(dv.summarized, run_end))
         add("export lag", _diff(dv.exported, run_end))
+        add("wait→ingest", _diff(times.get("ingest.start"), times.get("wait.end")))
+        add("ingest", _diff(times.get("ingest.end"), times.get("ingest.start")))
+        add("ingest→run", _diff(times.get("run.start"), times.get("ingest.end")))
+        graph = dv.run_parts.get("graph")
+        add("graph build", graph)
+        if graph is not None and start is not None and "run.start" in times:
+            add("run set-up", start - times["run.start"] - graph)
         critical = _diff(run_end, last_put)
         add("overhead", None if critical is None or own is None else critical - own)
     return out

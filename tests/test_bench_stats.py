@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks.stats import (
+    BREAKDOWN,
     STAGES,
     detector_visits,
     first_vs_warm,
@@ -61,7 +62,7 @@ def test_detector_visits_read_every_field() -> None:
 
 def test_stage_samples_per_detector() -> None:
     samples = stage_samples(detector_visits(_raw(), _puts(), exported={0: T + 38.0}))
-    assert set(samples) == set(STAGES) - {"last snap→summary"}
+    assert set(samples) == (set(STAGES) | set(BREAKDOWN)) - {"last snap→summary"}
     assert samples["next_visit→prepared"] == [approx(1.5), approx(2.0)]
     assert samples["prepared→first snap"] == [approx(18.5), approx(18.0)]
     assert samples["PUT→snap indexed"] == [approx(0.01), approx(0.015)]
@@ -71,6 +72,11 @@ def test_stage_samples_per_detector() -> None:
     assert samples["pipeline end→summary"] == [approx(5.0)]
     assert samples["export lag"] == [approx(3.0)]
     assert samples["overhead"] == [approx(1.0)]
+    assert samples["wait→ingest"] == [approx(0.08)]
+    assert samples["ingest"] == [approx(0.2)]
+    assert samples["ingest→run"] == [approx(0.05)]
+    assert samples["graph build"] == [0.15]
+    assert samples["run set-up"] == [approx(0.5)]  # run starts T+30.35, graph 0.15, pipeline at T+31
 
 
 def test_compute_borrowed_for_the_baseline() -> None:

@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "prompt_tasks.cli.butler",  # local repos, export
     "prompt_tasks.cli.catchup",  # catchup list/run
     "prompt_tasks.cli.report",  # report (a visit's timeline PNG)
+    "prompt_tasks.cli.bench",  # bench (benchmarks/night.py)
 ]
 
 pass_settings = click.make_pass_decorator(Settings)
