@@ -321,7 +321,10 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     enqueue(ctx.redis, request)
     if poke_export is not None:
         poke_export()
-    return _status("run", visit, detector, **outcome.to_dict(), skipped_reason=why, export_queued=True)
+    # The visit summary keeps each detector's reason: say which pipeline ran and why others did not.
+    ran = f"ran {outcome.pipeline}" + (f" ({why})" if why else "")
+    return _status("run", visit, detector, reason=ran, **outcome.to_dict(), skipped_reason=why,
+                   export_queued=True)
 
 
 # --------------------------------------------------------------------------- export

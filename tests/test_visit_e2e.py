@@ -227,6 +227,7 @@ def test_outside_the_templates_falls_back_and_none_skips(app: Celery, fleet: Non
     assert fields["run.pipeline"] == "SingleFrame"
     attempts = json.loads(fields["run.attempts"])
     assert attempts[0] == {"pipeline": "ApPipe", "ran": False, "reason": "empty quantum graph", "quanta": 0}
+    assert summary["detectors"]["1"]["reason"] == "ran SingleFrame (ApPipe: empty quantum graph)"
 
     engineering = _spec(survey="engineering-tests")
     skipped = _run_visit(app, e2e_settings, engineering, detectors=[1])
