@@ -41,12 +41,13 @@ from prompt_tasks.science.imaging import (
 )
 from prompt_tasks.science.isr import find_cosmic_rays
 from prompt_tasks.science.matching import match_sky
+from prompt_tasks.science.psf_matching import fit_kernel, fit_scale, match_psfs
 from prompt_tasks.science.runner import (
     override_arguments,
     parse_override,
     pipeline_path,
 )
-from prompt_tasks.science.subtract import fit_kernel, fit_scale, match_psfs, warp_image
+from prompt_tasks.science.warping import warp_image
 
 SHAPE = (256, 256)
 

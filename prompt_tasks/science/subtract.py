@@ -1,17 +1,16 @@
 """Image differencing: the template warped to the visit image, PSF-matched, scaled, subtracted.
 
 Each overlapping template patch is resampled onto the science pixel grid through both WCSes
-(bicubic, ``scipy.ndimage.map_coordinates``); the sharper of the two images is convolved with
-the Gaussian that gives it the broader one's PSF; the template's photometric scale and a
-residual offset are fitted robustly on the pixels (transients are clipped away), and the
-difference is science minus the matched template.
+(:mod:`.warping`); the template is convolved to the science PSF (the science image first
+pre-convolved with the template's PSF when it is the sharper one) with a kernel fitted as a
+weighted sum of Gaussians, which also sets the photometric scale (:mod:`.psf_matching`);
+saturated stars are masked, and the difference is science minus the matched template.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lsst.pex.config as pex_config
@@ -20,7 +19,7 @@ import lsst.pipe.base.connectionTypes as cT
 import numpy as np
 from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.wcs import WCS
-from scipy import ndimage, signal
+from scipy import ndimage
 
 from prompt_tasks.science.imaging import (
     GAUSSIAN_FWHM,
@@ -30,18 +29,15 @@ from prompt_tasks.science.imaging import (
     robust_stats,
     wcs_of,
 )
+from prompt_tasks.science.psf_matching import (
+    fit_kernel,
+    fit_scale,
+    match_psfs,
+    saturated_regions,
+)
+from prompt_tasks.science.warping import warp_image
 
-__all__ = [
-    "PsfMatch",
-    "SubtractConfig",
-    "SubtractConnections",
-    "SubtractTask",
-    "fit_kernel",
-    "fit_scale",
-    "match_psfs",
-    "saturated_regions",
-    "warp_image",
-]
+__all__ = ["SubtractConfig", "SubtractConnections", "SubtractTask"]
 
 _VISIT_DIMENSIONS = ("instrument", "visit", "detector")
 
@@ -119,217 +115,6 @@ class SubtractConfig(
         doc="Fail (no work) when templates cover less than this fraction of the detector.",
         default=0.05,
     )
-
-
-def _node_positions(n: int, step: int) -> np.ndarray:
-    """Exact-mapping nodes along an axis of ``n`` pixels: every ``step`` and the last pixel."""
-    nodes = np.arange(0, n, step, dtype=np.float64)
-    return nodes if nodes[-1] == n - 1 else np.append(nodes, n - 1)
-
-
-def _linear_weights(n: int, nodes: np.ndarray) -> np.ndarray:
-    """Matrix (n, len(nodes)) interpolating linearly between ``nodes``."""
-    eye = np.eye(len(nodes))
-    return np.stack(
-        [
-            np.interp(np.arange(n, dtype=np.float64), nodes, eye[k])
-            for k in range(len(nodes))
-        ],
-        axis=1,
-    )
-
-
-def warp_image(
-    data: np.ndarray,
-    source_wcs: WCS,
-    target_wcs: WCS,
-    shape: tuple[int, int],
-    order: int = 3,
-    step: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``data`` (on ``source_wcs``) resampled onto the ``shape`` grid of ``target_wcs``.
-
-    Returns the warped image and a boolean map of target pixels the source covers. The
-    target→source pixel mapping is exact on a grid of nodes ``step`` apart and bilinear in
-    between (a TAN-to-TAN mapping is smooth; the error is far below a millipixel).
-    """
-    ny, nx = shape
-    ys, xs = _node_positions(ny, step), _node_positions(nx, step)
-    gx, gy = np.meshgrid(xs, ys)
-    ra, dec = target_wcs.all_pix2world(gx, gy, 0)
-    sx, sy = source_wcs.all_world2pix(ra, dec, 0)
-    wy, wx = _linear_weights(ny, ys), _linear_weights(nx, xs)
-    src_x = wy @ sx @ wx.T
-    src_y = wy @ sy @ wx.T
-    finite = np.isfinite(data)
-    warped = ndimage.map_coordinates(
-        np.where(finite, data, 0.0).astype(np.float64),
-        [src_y, src_x],
-        order=order,
-        mode="constant",
-        cval=0.0,
-    )
-    sny, snx = data.shape
-    margin = 1.0 if order > 1 else 0.0
-    covered = (
-        (src_x >= margin)
-        & (src_x <= snx - 1 - margin)
-        & (src_y >= margin)
-        & (src_y <= sny - 1 - margin)
-    )
-    if not finite.all():
-        holes = ndimage.map_coordinates(
-            (~finite).astype(np.float64), [src_y, src_x], order=1, cval=1.0
-        )
-        covered &= holes < 0.01
-    return np.where(covered, warped, 0.0), covered
-
-
-@dataclass(frozen=True)
-class PsfMatch:
-    """How the two images were brought to a common PSF (sigmas in pixels)."""
-
-    #: ``"template"`` or ``"both"`` (the science image pre-convolved too).
-    convolved: str
-    kernel_sigma: float
-    matched_sigma: float
-    preconvolution_sigma: float = 0.0
-
-
-def match_psfs(
-    science: np.ndarray,
-    template: np.ndarray,
-    science_sigma: float,
-    template_sigma: float,
-    min_ratio: float = 1.2,
-    template_psf: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, PsfMatch]:
-    """Bring both images to one PSF by convolving the template (and the science).
-
-    For Gaussian PSFs the matching kernel is exactly a Gaussian of sigma
-    sqrt(science² − template²). When the science PSF is not at least ``min_ratio`` times
-    broader than the template's, the science image is first convolved with (a Gaussian model
-    of) the template's PSF: then science ⊗ PSF_template = template ⊗ PSF_science, and the
-    kernel taking the template there is the science PSF itself, which a positive kernel can
-    always represent, wings included ("pre-convolution"). ``template_psf``, an image of the
-    template's PSF (e.g. stacked from its stars), makes that exact for PSFs that are not
-    Gaussian.
-    """
-    if science_sigma >= min_ratio * template_sigma:
-        pre, target = 0.0, science_sigma
-    else:
-        pre, target = template_sigma, math.hypot(science_sigma, template_sigma)
-    if pre > 0 and template_psf is not None:
-        science = signal.fftconvolve(science, template_psf, mode="same")
-    elif pre > 0:
-        science = ndimage.gaussian_filter(science, pre, mode="constant", truncate=4.0)
-    kernel = math.sqrt(target**2 - template_sigma**2)
-    template = ndimage.gaussian_filter(template, kernel, mode="constant", truncate=4.0)
-    convolved = "both" if pre > 0 else "template"
-    return science, template, PsfMatch(convolved, kernel, target, pre)
-
-
-def saturated_regions(bad: np.ndarray, min_pixels: int, grow: float) -> np.ndarray:
-    """Masked blobs of at least ``min_pixels`` (saturated star cores), grown by ``grow`` pixels.
-
-    Isolated bad pixels (hot pixels, a cosmic ray in every snap) are left out: calibration
-    interpolated them and they do no harm; a saturated core is surrounded by a bright halo
-    that must be masked too.
-    """
-    if not bad.any():
-        return np.zeros_like(bad)
-    labels, n = ndimage.label(bad)
-    sizes = ndimage.sum_labels(bad, labels, np.arange(1, n + 1))
-    big = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
-    if not big.any():
-        return big
-    return ndimage.binary_dilation(big, iterations=max(1, math.ceil(grow)))
-
-
-def fit_kernel(
-    science: np.ndarray,
-    template: np.ndarray,
-    good: np.ndarray,
-    sigmas: Sequence[float],
-    clip: float = 6.0,
-    iterations: int = 5,
-    photon_noise: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Alard-Lupton-style matching: science ≈ Σ c_i (template ⊗ G_σi) + offset.
-
-    The kernel is a linear combination of Gaussians of the given widths (σ = 0: a delta),
-    fitted by weighted least squares over the ``good`` pixels. Each pixel is weighted by its
-    noise: the sky noise plus, with ``photon_noise`` (science in electrons), the photon noise
-    of the model, so bright stars (which carry the PSF-shape information) count fully without
-    dominating. Pixels deviating by more than ``clip`` of their own sigma (transients, cosmic
-    rays) are dropped at each iteration. A sum of Gaussians matches PSFs that are not single
-    Gaussians (cores and wings of different widths); the sum of the coefficients is the
-    photometric scale. Returns the matched template and the coefficients (offset last).
-    """
-    basis = [
-        template
-        if sigma <= 0
-        else ndimage.gaussian_filter(template, sigma, mode="constant", truncate=4.0)
-        for sigma in sigmas
-    ]
-    step = max(1, int(good.sum()) // 400_000)
-    index = np.flatnonzero(good)[::step]
-    design = np.column_stack([b.ravel()[index] for b in basis] + [np.ones(len(index))])
-    target = science.ravel()[index]
-    _, sky_sigma = robust_stats(target)
-    sky_variance = max(sky_sigma, 1e-12) ** 2
-    use = np.ones(len(index), dtype=bool)
-    # First weights from the science pixels themselves, later ones from the model.
-    weights = 1.0 / (sky_variance + (np.clip(target, 0, None) if photon_noise else 0.0))
-    coefficients = np.zeros(len(basis) + 1)
-    coefficients[0] = 1.0
-    for _ in range(iterations):
-        if use.sum() < 10 * design.shape[1]:
-            break
-        sqrt_w = np.sqrt(weights[use])
-        coefficients, *_ = np.linalg.lstsq(
-            design[use] * sqrt_w[:, None], target[use] * sqrt_w, rcond=None
-        )
-        model = design @ coefficients
-        variance = sky_variance + (np.clip(model, 0, None) if photon_noise else 0.0)
-        weights = 1.0 / variance
-        normalized = (target - model) * np.sqrt(weights)
-        _, scatter = robust_stats(normalized[use])
-        use = np.abs(normalized) < clip * max(scatter, 1e-12)
-    matched = (
-        sum(c * b for c, b in zip(coefficients[:-1], basis, strict=True))
-        + coefficients[-1]
-    )
-    return np.asarray(matched), coefficients
-
-
-def fit_scale(
-    science: np.ndarray,
-    template: np.ndarray,
-    good: np.ndarray,
-    clip: float = 3.0,
-    iterations: int = 5,
-) -> tuple[float, float]:
-    """Robust least squares of science ≈ scale × template + offset over the ``good`` pixels.
-
-    Pixels with large residuals (transients, cosmic rays, artefacts) are clipped at each
-    iteration, so the scale is set by the static sky.
-    """
-    s = science[good].astype(np.float64)
-    t = template[good].astype(np.float64)
-    use = np.ones(s.shape, dtype=bool)
-    scale, offset = 1.0, 0.0
-    for _ in range(iterations):
-        if use.sum() < 10:
-            break
-        design = np.column_stack([t[use], np.ones(int(use.sum()))])
-        (scale, offset), *_ = np.linalg.lstsq(design, s[use], rcond=None)
-        residual = s - (scale * t + offset)
-        _, sigma = robust_stats(residual[use])
-        if sigma <= 0:
-            break
-        use = np.abs(residual) < clip * sigma
-    return float(scale), float(offset)
 
 
 class SubtractTask(pipe_base.PipelineTask):
