@@ -197,7 +197,9 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
         try:
             graph = executor.make_quantum_graph(candidate.pipeline, where=where, bind=bind)
         except Exception as exc:  # noqa: BLE001 - a failed graph build falls through
-            attempts.append(Attempt(candidate.name, False, f"graph build failed: {type(exc).__name__}: {exc}"))
+            message = str(exc)
+            message = message if len(message) <= 240 else message[:237] + "..."
+            attempts.append(Attempt(candidate.name, False, f"graph build failed: {type(exc).__name__}: {message}"))
             continue
         graph_s = time.perf_counter() - t0
         if len(graph) == 0:

@@ -226,8 +226,11 @@ def test_outside_the_templates_falls_back_and_none_skips(app: Celery, fleet: Non
     fields = _detector_fields(rdb, away, 1)
     assert fields["run.pipeline"] == "SingleFrame"
     attempts = json.loads(fields["run.attempts"])
-    assert attempts[0] == {"pipeline": "ApPipe", "ran": False, "reason": "empty quantum graph", "quanta": 0}
-    assert summary["detectors"]["1"]["reason"] == "ran SingleFrame (ApPipe: empty quantum graph)"
+    # no template: ApPipe's graph is empty (or, on a repo that never had templates, its build
+    # fails for want of the template dataset type); either way SingleFrame runs
+    assert attempts[0]["pipeline"] == "ApPipe" and not attempts[0]["ran"]
+    assert attempts[0]["reason"] == "empty quantum graph" or "template_coadd" in attempts[0]["reason"]
+    assert summary["detectors"]["1"]["reason"].startswith("ran SingleFrame (ApPipe: ")
 
     engineering = _spec(survey="engineering-tests")
     skipped = _run_visit(app, e2e_settings, engineering, detectors=[1])
