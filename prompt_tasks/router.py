@@ -17,8 +17,7 @@ publishes nothing) and publishes
   message or an unconsumed queue must not leave a visit pending forever).
 
 The decisions (:func:`detector_queue`, :func:`plan_chord`, :func:`deadline_eta`) are pure.
-``startTime`` is TAI; it is compared with the UTC clock as is, which can only make the
-deadline up to 37 s late, never early.
+``startTime`` is TAI; :attr:`NextVisit.expected_end` converts it to the machine's UTC clock.
 """
 
 from __future__ import annotations

@@ -140,8 +140,8 @@ def wait_for_snaps(
     nimages
         Snaps expected; 0 when unknown.
     expected_end
-        When the visit should be over (``startTime + duration``), Unix seconds (TAI is
-        taken as is: it can only make the wait end up to 37 s late, never early).
+        When the visit should be over (``startTime + duration``), UTC unix seconds
+        (:func:`prompt_tasks.visit.expected_end_utc`).
     timeout
         Longest wait in seconds from now; default: until ``expected_end + wait_margin_s``.
     quiet_period

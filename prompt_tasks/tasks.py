@@ -114,14 +114,15 @@ def prepare_repo(self: Task, visit: dict[str, Any], detector: int) -> StageStatu
 def wait_for_snap(self: Task, status: dict[str, Any], visit: dict[str, Any], detector: int) -> StageStatus:
     """Wait until every snap of the detector-visit is in the bucket (:mod:`prompt_tasks.snap`).
 
-    Times out at the visit's expected end (``startTime + duration``, TAI compared with the
-    UTC clock as is: late, never early) plus ``settings.wait_margin_s``.
+    Times out at the visit's expected end (``startTime + duration``, TAI converted to the
+    machine's UTC clock) plus ``settings.wait_margin_s``.
     """
     from prompt_tasks.snap import wait_for_snaps
+    from prompt_tasks.visit import expected_end_utc
 
     ctx = context_of(self.app)
     instrument, group = str(visit["instrument"]), str(visit["groupId"])
-    expected_end = float(visit.get("startTime") or 0.0) + float(visit.get("duration") or 0.0)
+    expected_end = expected_end_utc(float(visit.get("startTime") or 0.0), float(visit.get("duration") or 0.0))
     return wait_for_snaps(ctx, instrument, group, int(detector), int(visit.get("nimages") or 0), expected_end)
 
 

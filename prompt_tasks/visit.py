@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any, Self
 
@@ -36,8 +37,11 @@ __all__ = [
     "Dome",
     "NextVisit",
     "RotationSystem",
+    "expected_end_utc",
     "field_errors",
     "parse_next_visit",
+    "tai_now",
+    "tai_to_utc",
 ]
 
 #: Largest SAL ``long`` (int32): indices and counters above it are garbage.
@@ -219,9 +223,14 @@ class NextVisit(BaseModel):
         return None if not self.has_position else self.position[1]  # type: ignore[index]
 
     @property
+    def start_utc(self) -> float:
+        """``startTime`` on this machine's clock (UTC unix s; SAL times are TAI)."""
+        return tai_to_utc(self.startTime)
+
+    @property
     def expected_end(self) -> float:
-        """When the visit's last exposure should be over (TAI unix s)."""
-        return self.startTime + self.duration
+        """When the visit's last exposure should be over, UTC unix s (comparable to ``time.time()``)."""
+        return expected_end_utc(self.startTime, self.duration)
 
     def without_detector(self) -> Self:
         """The visit itself, with the fan-out ``detector`` field dropped."""
@@ -230,6 +239,30 @@ class NextVisit(BaseModel):
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-ready summit form (enums as integers)."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def tai_now() -> float:
+    """The current time as TAI unix seconds (the scale of ``startTime``)."""
+    import time
+
+    import erfa
+
+    now = time.time()
+    day = datetime.fromtimestamp(now, UTC)
+    return now + float(erfa.dat(day.year, day.month, day.day, 0.0))
+
+
+def tai_to_utc(tai: float) -> float:
+    """UTC unix seconds of a TAI unix timestamp (TAI - UTC from the leap-second table)."""
+    import erfa
+
+    day = datetime.fromtimestamp(tai, UTC)
+    return tai - float(erfa.dat(day.year, day.month, day.day, 0.0))
+
+
+def expected_end_utc(start_tai: float, duration: float) -> float:
+    """End of a visit starting at ``start_tai`` (TAI) and lasting ``duration`` s, in UTC unix s."""
+    return tai_to_utc(start_tai) + duration
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ from prompt_tasks.keys import format_key
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
 from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.visit import NextVisit, tai_now
 from workers import ROLES, celery_argv
 
 _groups = itertools.count()
@@ -55,7 +55,7 @@ def make_visit(instrument: str, nimages: int = 1, start_in: float = 0.0, duratio
                group: str | None = None) -> NextVisit:
     """A next_visit starting ``start_in`` s from now."""
     return NextVisit.model_validate({
-        "instrument": instrument, "groupId": group or new_group(), "startTime": time.time() + start_in,
+        "instrument": instrument, "groupId": group or new_group(), "startTime": tai_now() + start_in,
         "duration": duration, "nimages": nimages,
     })
 

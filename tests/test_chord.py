@@ -23,7 +23,7 @@ from prompt_tasks.router import announce, detector_queue
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import redis_binary
 from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.visit import NextVisit, tai_now
 from tests.servers import missing, private_servers
 from tests.servers import test_settings as private_settings
 
@@ -82,7 +82,7 @@ def rdb(chord_settings: Settings) -> Iterator[redis.Redis]:
 
 def _visit(**extra: object) -> NextVisit:
     values: dict[str, object] = {"instrument": INSTRUMENT, "groupId": f"2026-11-24T02:00:{next(_groups):02d}.000",
-                                 "startTime": time.time(), "duration": 0.0, "nimages": 1}
+                                 "startTime": tai_now(), "duration": 0.0, "nimages": 1}
     values.update(extra)
     visit = NextVisit.model_validate(values)
     _snaps_arrived(visit)
@@ -123,7 +123,7 @@ def _wait_for_summary(rdb: redis.Redis, visit: NextVisit, timeout: float = 60.0)
 
 
 def test_nine_detectors_complete(app: Celery, worker: object, chord_settings: Settings, rdb: redis.Redis) -> None:
-    visit = _visit(startTime=time.time() + 3600)  # the deadline is far away
+    visit = _visit(startTime=tai_now() + 3600)  # the deadline is far away
     result = announce(app, chord_settings, visit, detectors=DETECTORS)
     summary = _summary(app, result.chord_id)
     assert summary["written"] and summary["by"] == "chord"
@@ -147,7 +147,7 @@ def test_nine_detectors_complete(app: Celery, worker: object, chord_settings: Se
 
 def test_one_failing_detector_still_summarized(app: Celery, worker: object, chord_settings: Settings,
                                                rdb: redis.Redis) -> None:
-    visit = _visit(startTime=time.time() + 3600)
+    visit = _visit(startTime=tai_now() + 3600)
     rdb.set(fault_key(INSTRUMENT, visit.groupId, 4, "ingest"), "fail", ex=300)
     summary = _summary(app, announce(app, chord_settings, visit, detectors=DETECTORS).chord_id)
     assert (summary["counts"]["ok"], summary["counts"]["failed"]) == (8, 1)
@@ -159,7 +159,7 @@ def test_one_failing_detector_still_summarized(app: Celery, worker: object, chor
 
 def test_retry_then_give_up_and_crash(app: Celery, worker: object, chord_settings: Settings,
                                       rdb: redis.Redis) -> None:
-    visit = _visit(startTime=time.time() + 3600)
+    visit = _visit(startTime=tai_now() + 3600)
     rdb.set(fault_key(INSTRUMENT, visit.groupId, 2, "prepare"), "retry", ex=300)
     rdb.set(fault_key(INSTRUMENT, visit.groupId, 6, "run"), "crash", ex=300)
     summary = _summary(app, announce(app, chord_settings, visit, detectors=DETECTORS).chord_id)
@@ -186,7 +186,7 @@ def test_unconsumed_queue_is_summarized_by_the_deadline(app: Celery, worker: obj
 
 def test_visits_in_flight_complete_independently(app: Celery, worker: object, chord_settings: Settings,
                                                  rdb: redis.Redis) -> None:
-    visits = [_visit(startTime=time.time() + 3600) for _ in range(3)]
+    visits = [_visit(startTime=tai_now() + 3600) for _ in range(3)]
     rdb.set(fault_key(INSTRUMENT, visits[1].groupId, 0, "wait"), "fail", ex=300)
     for visit in visits[::2]:
         rdb.set(fault_key(INSTRUMENT, visit.groupId, 3, "prepare"), "sleep:0.3", ex=300)

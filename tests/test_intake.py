@@ -47,6 +47,7 @@ from prompt_tasks.intake.errors import (
 from prompt_tasks.intake.http import create_api
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
+from prompt_tasks.visit import tai_now
 
 GROUP = "2026-11-24T01:00:00.000"
 TOKEN = "t0ken-never-logged-8c1f"
@@ -62,7 +63,7 @@ def visit_body(group: str = GROUP, **overrides: Any) -> dict[str, Any]:
         "groupId": group,
         "coordinateSystem": 2,
         "position": [150.0, 2.0],
-        "startTime": time.time() + 30,
+        "startTime": tai_now() + 30,
         "rotationSystem": 2,
         "cameraAngle": 0.0,
         "filters": "r",

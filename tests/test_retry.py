@@ -20,6 +20,7 @@ from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import free_port
 from prompt_tasks.stage import POLICIES, StageTask, fault_key, retry_countdown
 from prompt_tasks.status import Outcome, StageStatus
+from prompt_tasks.visit import tai_now
 
 QUEUE = "retry-tests"
 INSTRUMENT = "RetryCam"
@@ -148,7 +149,7 @@ def worker(celery_app: Celery) -> Iterator[Celery]:
 
 
 def _visit(group: str) -> dict[str, Any]:
-    return {"instrument": INSTRUMENT, "groupId": group, "startTime": time.time(), "nimages": 1}
+    return {"instrument": INSTRUMENT, "groupId": group, "startTime": tai_now(), "nimages": 1}
 
 
 def _send(app: Celery, name: str, **kwargs: Any) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 from celery import Celery
@@ -22,7 +20,7 @@ from prompt_tasks.router import (
     plan_deadline,
 )
 from prompt_tasks.settings import Settings
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.visit import NextVisit, tai_now
 
 
 def _visit(group: str = "2026-11-24T01:00:00.000", **extra: object) -> NextVisit:
@@ -63,9 +61,11 @@ def test_plan_chord_sets_a_queue_on_every_signature() -> None:
 
 
 def test_plan_deadline() -> None:
-    visit = _visit()  # expected end 1030
+    visit = _visit()  # starts at TAI 1000, lasts 30 s
+    assert visit.expected_end == pytest.approx(1030.0 - 8.0, abs=0.5)  # TAI - UTC was ~8 s in 1970
     task, countdown = plan_deadline(visit, 120.0, now=1000.0)
-    assert (task.name, task.queue, countdown) == ("prompt_tasks.visit_deadline", SUMMARY_QUEUE, 150.0)
+    assert (task.name, task.queue) == ("prompt_tasks.visit_deadline", SUMMARY_QUEUE)
+    assert countdown == pytest.approx(visit.expected_end + 120.0 - 1000.0)
     assert plan_deadline(visit, 120.0, now=5000.0)[1] == 0.0
 
 
@@ -82,7 +82,7 @@ def test_plan_chord_of_189_detectors_is_quick_to_build(celery_app: Celery) -> No
 
 
 def test_announce_is_idempotent(celery_app: Celery, settings: Settings, rdb: redis.Redis) -> None:
-    visit = _visit(startTime=time.time())
+    visit = _visit(startTime=tai_now())
     first = announce(celery_app, settings, visit, detectors=[3, 1, 2])
     assert not first.duplicate and first.detectors == [1, 2, 3] and first.chord_id
     assert first.key == "LSSTCam/2026-11-24T01:00:00.000"
@@ -110,7 +110,7 @@ def test_announce_unknown_instrument_without_detectors(celery_app: Celery, setti
 
 def test_instrument_detectors_from_the_plugin_registry(celery_app: Celery, settings: Settings) -> None:
     assert instrument_detectors("SimCam") == list(range(9))
-    announced = announce(celery_app, settings, _visit(instrument="SimCam", startTime=time.time()))
+    announced = announce(celery_app, settings, _visit(instrument="SimCam", startTime=tai_now()))
     assert announced.detectors == list(range(9)) and not announced.duplicate
 
 

@@ -41,7 +41,7 @@ from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
 from prompt_tasks.stack.servers import redis_binary
 from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.visit import NextVisit, tai_now
 from tests.servers import missing, private_servers
 from tests.servers import test_settings as private_settings
 from workers import ROLES, celery_argv
@@ -168,7 +168,7 @@ def _visit(rdb: redis.Redis) -> NextVisit:
     """A visit of one snap per detector, its raws already indexed as arrived."""
     visit = NextVisit.model_validate({
         "instrument": INSTRUMENT, "groupId": f"2026-11-24T03:00:{next(_groups):02d}.000",
-        "startTime": time.time() + 3600, "nimages": 1,
+        "startTime": tai_now() + 3600, "nimages": 1,
     })
     for det in DETECTORS:
         snap = SnapKey(INSTRUMENT, det, visit.groupId, 0, "raw.fits")

@@ -91,7 +91,8 @@ def test_summit_form() -> None:
     assert visit.filters == "r_03" and visit.survey == "BLOCK-365"
     assert visit.nimages == 2 and visit.duration == 32.0 and visit.cameraAngle == 12.5
     assert visit.salIndex == 1 and visit.scriptSalIndex == 100017
-    assert visit.expected_end == 1795568430.0 + 32.0
+    assert visit.expected_end == 1795568430.0 + 32.0 - 37.0  # TAI start, UTC end (TAI - UTC = 37 s)
+    assert visit.start_utc == 1795568430.0 - 37.0
     assert visit.detector is None
 
 
