@@ -231,3 +231,49 @@ def test_the_intake_process_serves_metrics(settings: Settings, rdb: redis.Redis,
     assert 'prompt_tasks_stage_seconds_bucket{le="0.5",stage="ingest"} 1.0' in text
     assert 'prompt_tasks_failures_total{code="pipeline_error",stage="run"} 1.0' in text
     assert 'prompt_tasks_queue_depth{queue="wait"} 0.0' in text
+
+
+@pytest.fixture(scope="session")
+def central(tmp_path_factory: pytest.TempPathFactory, servers: Settings) -> Settings:
+    from tests.butlerkit import central_fixture
+
+    return central_fixture(tmp_path_factory, servers)
+
+
+@pytest.mark.slow
+def test_stale_cached_datasets_leave_a_real_local_repo(central: Settings, settings: Settings,
+                                                       tmp_path: Path) -> None:
+    import uuid
+
+    from lsst.daf.butler import Butler
+
+    from prompt_tasks.butler_stages import prepare
+    from prompt_tasks.cache import CacheIndex
+    from prompt_tasks.localrepo import repos_of
+    from tests.butlerkit import NIGHT_START, next_visit, visit_spec, worker_settings
+
+    worker = worker_settings(central, tmp_path / "local", cache_max_age_s=600.0, repo_idle_s=60.0)
+    ctx = Context(worker)
+    try:
+        assert prepare(ctx, next_visit(visit_spec(NIGHT_START)), 1).ok
+        path = repos_of(ctx).path_of(INSTRUMENT, 1)
+    finally:
+        ctx.close()
+    cached = sorted(CacheIndex(path).entries)
+    assert cached
+    me = "detector-1@here"
+    owned = {me: [detector_queue(INSTRUMENT, 1)]}
+    assert housekeeping.housekeep_local(worker, me, owned)["dropped"] == 0  # fresh: kept
+    later = time.time() + 3600  # an hour on, nothing used: everything is past its age
+    result = housekeeping.housekeep_local(worker, me, owned, now=later)
+    assert result == {"deleted": [], "dropped": len(cached), "repos": 1}
+    assert CacheIndex(path).entries == {}
+    local = Butler.from_config(str(path))
+    try:
+        assert local.get_many_datasets([uuid.UUID(hex=h) for h in cached]) == []
+    finally:
+        local.close()
+    # another host's detector now: the whole repo goes
+    moved = {"detector-2@elsewhere": [detector_queue(INSTRUMENT, 1)]}
+    assert housekeeping.housekeep_local(worker, me, moved, now=later)["deleted"] == [f"{INSTRUMENT}/1"]
+    assert not path.exists()
