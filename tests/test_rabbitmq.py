@@ -140,12 +140,24 @@ def test_deadline_summarizes_a_chord_that_cannot_complete(worker: Celery, broker
         conn.default_channel.queue_purge(detector_queue(INSTRUMENT, 99))
 
 
-def test_crashed_worker_task_is_redelivered(broker_settings: Settings, app: Celery, rdb: redis.Redis,
-                                            tmp_path: Path) -> None:
-    """A compute worker SIGKILLed mid-run; its replacement gets the task again (RabbitMQ at once,
-    Redis after the visibility timeout, shortened here)."""
-    settings = broker_settings.model_copy(update={"visibility_timeout": 6, "restore_interval_s": 1,
-                                                  "deadline_margin_s": 60.0})
+@pytest.fixture
+def rabbit_app(settings: Settings, rabbit_vhost: str) -> Iterator[tuple[Settings, Celery]]:
+    from prompt_tasks.celery import create_app
+
+    rabbit = settings.model_copy(update={
+        "payload": "noop", "ledger_ttl_s": 600, "deadline_margin_s": 60.0,
+        "broker_url": f"amqp://guest:guest@{RABBIT[0]}:{RABBIT[1]}/{rabbit_vhost}",
+    })
+    celery_app = create_app(rabbit)
+    yield rabbit, celery_app
+    celery_app.close()
+
+
+def test_crashed_worker_task_is_redelivered_at_once(rabbit_app: tuple[Settings, Celery], rdb: redis.Redis,
+                                                    tmp_path: Path) -> None:
+    """A compute worker SIGKILLed mid-run; RabbitMQ hands its task to the replacement at once (no
+    visibility timeout; the same on Redis is ``tests/test_faults.py``)."""
+    settings, app = rabbit_app
     fleet = Fleet(settings, tmp_path)
     queues = [detector_queue(INSTRUMENT, d) for d in (0, 1)]
     try:

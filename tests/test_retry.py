@@ -26,11 +26,19 @@ QUEUE = "retry-tests"
 INSTRUMENT = "RetryCam"
 
 
+def _no_retry_client(port: int) -> redis.Redis:
+    """A client that fails at once (redis-py otherwise retries a refused connection with backoff)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+
+
 @shared_task(bind=True, base=StageTask, name="tests.retry.flaky_stage", stage="ingest", chained=False)
 def flaky_stage(self: Task, visit: dict[str, Any], detector: int, dead_port: int) -> StageStatus:
     """Fails with a real Redis connection error on its first attempt, then succeeds."""
     if self.request.retries == 0:
-        redis.Redis(host="127.0.0.1", port=dead_port, socket_connect_timeout=0.5).ping()
+        _no_retry_client(dead_port).ping()
     return StageStatus("ingest", Outcome.OK, visit["instrument"], visit["groupId"], detector)
 
 
@@ -39,7 +47,7 @@ def flaky_stage(self: Task, visit: dict[str, Any], detector: int, dead_port: int
 
 def _real_redis_error() -> Exception:
     try:
-        redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5).ping()
+        _no_retry_client(free_port()).ping()
     except redis.ConnectionError as exc:
         return exc
     raise AssertionError("nothing listens there, yet it answered")
