@@ -1,4 +1,4 @@
-"""One suite, both brokers: chords, waits, deadlines and crash redelivery on Redis and RabbitMQ.
+"""One suite, both brokers: chords, waits and deadlines on Redis and RabbitMQ; crash redelivery on RabbitMQ.
 
 The result backend stays Redis. RabbitMQ is the machine's server on 127.0.0.1:5672; each test
 run gets its own virtual host (created and deleted with ``rabbitmqctl``), so nothing is shared
