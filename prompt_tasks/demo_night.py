@@ -195,6 +195,32 @@ def _wait_exported(settings: Settings, timeout: float = 120.0) -> int:
         client.close()
 
 
+def _output_runs(settings: Settings, day_obs: list[int]) -> list[tuple[str, int]]:
+    """The night's output RUN collections in the central repo and their dataset counts."""
+    from lsst.daf.butler import Butler
+
+    butler = Butler.from_config(settings.central_repo_uri)
+    try:
+        runs = sorted(name for d in day_obs for name in butler.collections.query(f"SimCam/prompt/{d}/*"))
+        return [(name, len(butler.query_all_datasets(name, find_first=False, limit=None))) for name in runs]
+    finally:
+        butler.close()
+
+
+def _dia_sources(settings: Settings) -> str:
+    """How many DIA sources the APDB holds (a count, or why it could not be read)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(settings.apdb_uri)
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(sqlalchemy.text('SELECT COUNT(*) FROM "DiaSource"')).scalar())
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        return f"(unknown: {type(exc).__name__})"
+    finally:
+        engine.dispose()
+
+
 def _table(run: DemoRun) -> str:
     from rich.console import Console
     from rich.table import Table
@@ -226,10 +252,10 @@ def _table(run: DemoRun) -> str:
             if reason:
                 console.print(f"  {row['group']}: {n} x {reason}")
     day_obs = sorted({row["day_obs"] for row in rows})
-    console.print(f"outputs: central repo {settings.central_repo_uri}, collections "
-                  + ", ".join(f"SimCam/prompt/{d}/<pipeline>/<config hash>" for d in day_obs)
-                  + " (raws in SimCam/raw/all)")
-    console.print(f"DIA sources and objects: APDB {settings.apdb_uri}")
+    console.print(f"outputs in the central repo {settings.central_repo_uri} (raws in SimCam/raw/all):")
+    for name, count in _output_runs(settings, day_obs):
+        console.print(f"  {name}: {count} datasets")
+    console.print(f"DIA sources: {_dia_sources(settings)} in the APDB {settings.apdb_uri}")
     console.print(f"local repos: {settings.local_repo_path} (prompt-tasks local list); export queue: "
                   f"{left} pending (prompt-tasks export status)")
     console.print("look: butler query-collections " + settings.central_repo_uri + " 'SimCam/prompt/*'")
