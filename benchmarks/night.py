@@ -665,6 +665,8 @@ def memory_growth(curve: Sequence[dict[str, Any]], early: int = 10) -> dict[str,
 def command(memory_visits: int, **values: Any) -> None:
     """Benchmark the framework on simulated nights, stage by stage, against the seed's baseline."""
     options = BenchOptions(**values)
+    # SIGTERM (or SIGINT of a background job, which ignores it) still brings the stack down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     console = Console(highlight=False)
     base = Settings()
     if memory_visits:

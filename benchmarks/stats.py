@@ -13,9 +13,13 @@ Stages (seconds, one sample per detector-visit unless said otherwise):
 ``prepared→first snap``
     ``first PUT − prepare.end``: negative when preparing was not done before the first snap.
 ``PUT→snap indexed``
-    per snap: the arrival time the dispatcher recorded (``snap.<n>``) − its PUT completion.
+    per snap: the arrival time the dispatcher recorded (``snap.<n>``) − its PUT completion
+    (slightly negative when the bucket event beats the PUT's response to the client); for the
+    baseline, when its polling first listed the raw.
 ``PUT→snap seen``
-    the last snap's PUT completion → the waiting task has seen every snap (``wait.end``).
+    the last snap's PUT completion → the waiting task has seen every snap (``wait.end``),
+    for the detector-visits whose waiting task was already waiting then (``wait.start`` before
+    that PUT); a late wait is counted by ``prepared→first snap`` instead.
 ``last snap→pipeline start``
     last PUT → the pipeline's first task starts (``run.end − run.execute_s``): ingest,
     hand-offs between stages and the quantum graph build.
@@ -193,7 +197,9 @@ def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, i
         add("prepared→first snap", _diff(first_put, times.get("prepare.end")))
         for snap, when in sorted(dv.indexed.items()):
             add("PUT→snap indexed", _diff(when, dv.puts.get(snap)))
-        add("PUT→snap seen", _diff(times.get("wait.end"), last_put))
+        waiting = times.get("wait.start")
+        if waiting is not None and last_put is not None and waiting <= last_put:
+            add("PUT→snap seen", _diff(times.get("wait.end"), last_put))
         start = None if run_end is None or own is None else run_end - own
         add("last snap→pipeline start", _diff(start, last_put))
         add("pipeline run", own if run_end is not None else None)

@@ -121,3 +121,12 @@ def test_ratios() -> None:
     base = {"a": {"p50": 5.0, "p95": 4.0}, "b": {"p50": 1.0, "p95": 1.0}}
     assert ratios(ours, base) == {"a": {"p50": 10.0, "p95": 4.0}, "b": {"p50": None, "p95": None}}
     assert json.dumps(ratios(ours, base))  # JSON-ready
+
+
+def test_a_late_wait_is_not_a_notification_latency() -> None:
+    raw = _raw()
+    raw["d000.wait.start"] = repr(T + 31.0)  # began waiting after the last PUT (T+30)
+    raw["d000.wait.end"] = repr(T + 31.01)
+    samples = stage_samples(detector_visits(raw, _puts()))
+    assert samples["PUT→snap seen"] == []
+    assert samples["PUT→snap indexed"] == [approx(0.01), approx(0.015)]
