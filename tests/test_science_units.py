@@ -322,6 +322,14 @@ def test_associate_matches_known_objects_and_founds_new_ones() -> None:
     )
 
 
+def test_associate_with_no_sources_yields_storable_empty_objects() -> None:
+    sources = pd.DataFrame({"diaSourceId": [], "ra": [], "dec": [], "psfFlux": []})
+    objects = pd.DataFrame({"diaObjectId": pd.Series([], dtype=np.int64)})
+    result = associate(sources, objects, "r", 61000.0, 1.0)
+    assert result.n_matched == 0 and result.n_new == 0
+    assert result.objects.drop(columns=["isNew"]).empty  # what the task stores
+
+
 def test_dia_source_ids_are_unique_and_fit_63_bits() -> None:
     ids = [dia_source_id(2026112400010, d, i) for d in (0, 188) for i in (0, 65535)]
     assert len({int(i) for i in ids}) == 4

@@ -247,7 +247,9 @@ def associate(
     new_objects = (
         pd.concat(rows, ignore_index=True)
         if rows
-        else pd.DataFrame({"diaObjectId": pd.Series([], dtype=np.int64)})
+        else pd.DataFrame(
+            {"diaObjectId": pd.Series([], dtype=np.int64), "isNew": pd.Series([], dtype=bool)}
+        )
     )
     for b in BANDS:
         column = f"{b}_psfFluxNdata"
