@@ -8,11 +8,14 @@ transport's connection info is already gone, so ``AttributeError: 'NoneType' obj
 attribute 'hostname'`` escapes and the worker exits with "Unrecoverable error" (seen in
 ``tests/test_faults.py``: the summary and wait workers died, the idle compute worker lived).
 
-:class:`RedisTransport` is kombu's transport with that one step made safe: if the messages
-cannot be restored then, they are left where Redis keeps them anyway (the unacked index, on
-append-only storage), and the restore sweep of any live worker returns them to their queues
-once the visibility timeout has passed. The worker carries on and reconnects. The celery
-configuration selects it (``broker_transport``) for ``redis://`` brokers.
+:class:`RedisTransport` is kombu's transport with that flaw closed: a channel whose connection
+is gone raises the transport's own connection error (which Celery recovers from: it reconnects)
+instead of ``AttributeError``, for the restore on close as for a late ack; and messages that
+cannot be restored then are left where Redis keeps them anyway (the unacked index, on
+append-only storage), for the restore sweep of any live worker to return them to their queues
+once the visibility timeout has passed (an ack lost that way means the task runs again: stages
+are idempotent). The celery configuration selects it (``broker_transport``) for ``redis://``
+brokers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 __all__ = ["TRANSPORT", "RedisChannel", "RedisQoS", "RedisTransport"]
@@ -36,16 +40,22 @@ class RedisQoS(kombu_redis.QoS):
     def restore_unacked(self, client: Any = None) -> None:
         try:
             super().restore_unacked(client)
-        except AttributeError:  # the connection is already gone (kombu 5.7, see module docstring)
+        except (AttributeError, redis.ConnectionError):  # the connection is gone (see module docstring)
             log.warning("%d unacknowledged messages left for the restore sweep (connection lost)",
-                        len(self._delivered), exc_info=True)
+                        len(self._delivered))
             self._delivered.clear()
 
 
 class RedisChannel(kombu_redis.Channel):
-    """kombu's Redis channel with :class:`RedisQoS`."""
+    """kombu's Redis channel with :class:`RedisQoS`, failing like a lost connection once closed."""
 
     QoS = RedisQoS
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        connection = self.connection
+        if connection is None or connection.client is None:
+            raise redis.ConnectionError("the broker connection of this channel is closed")
+        return super()._connparams(asynchronous=asynchronous)
 
 
 class RedisTransport(kombu_redis.Transport):

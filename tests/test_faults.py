@@ -21,6 +21,7 @@ After each, the stack's log files are searched for the Redis password and the S3
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         assert logs, "the processes wrote no logs"
         for secret in (REDIS_SECRET, S3_SECRET):
             assert secret not in logs, "a secret reached the logs"
+        assert "Unrecoverable error" not in logs, "a worker died"
         rdb.close()
         redis_proc, s3_proc = made.redis_proc, made.s3_proc
     finally:
@@ -229,34 +231,55 @@ def test_pool_child_killed_and_memory_limit(stack: Stack) -> None:
 # --------------------------------------------------------------------------- 3
 
 
+def _post(stack: Stack, visit: NextVisit, detector: int) -> bool:
+    """POST ``visit`` (fan-out form: one detector) to the intake process; True once accepted."""
+    import httpx
+
+    body = {**visit.to_json_dict(), "detector": detector}
+    url = f"http://{stack.settings.host}:{stack.settings.intake_port}/next-visit"
+    try:
+        return httpx.post(url, json=body, timeout=10).status_code == 202
+    except httpx.HTTPError:
+        return False
+
+
 def test_redis_restart_mid_night(stack: Stack) -> None:
+    from prompt_tasks.controller import STATE_KEY
+
     stack.settings = stack.settings.model_copy(update={"deadline_margin_s": 20.0})
     stack.fleet.settings = stack.settings
-    # the production roles: waits on gevent, summaries on prefork, a prefork compute worker
+    # the production processes: intake (router + queue controller), dispatcher, waits on gevent,
+    # summaries on prefork, a prefork compute worker whose queues the controller assigns
+    script = str(Path(sys.executable).parent / "prompt-tasks")
+    stack.fleet._spawn("intake", [script, "intake", "--no-stream", "--loglevel", "WARNING"])
     stack.fleet.role("wait")
     stack.fleet.role("summary")
-    stack.fleet.detector(1, queues=QUEUES)
+    stack.fleet.detector(1)
     stack.fleet.dispatcher()
     wait_until(lambda: node_alive(stack.app, "wait@") and node_alive(stack.app, "summary@")
                and node_alive(stack.app, "detector-1@"), 120, "workers up")
     # in flight across the restart: announced, waiting for snaps due in a few seconds
-    before = make_visit(INSTRUMENT, nimages=1, duration=8.0)
-    announce(stack.app, stack.settings, before, detectors=DETECTORS)
-    wait_until(lambda: all(_stamped(stack, before, d, "wait.start") for d in DETECTORS), 60, "waiting")
+    before = [make_visit(INSTRUMENT, nimages=1, duration=8.0) for _ in DETECTORS]
+    for det, visit in zip(DETECTORS, before, strict=True):
+        wait_until(lambda v=visit, d=det: _post(stack, v, d), 120, "announced through the intake")
+    wait_until(lambda: all(_stamped(stack, v, d, "wait.start") for d, v in zip(DETECTORS, before, strict=True)),
+               60, "waiting")
     stack.restart_redis()
-    for det in DETECTORS:
-        put_raw(stack.settings, before, det)
-    # announced after the restart, through the same app (the router reconnects)
+    restarted = time.time()
+    for det, visit in zip(DETECTORS, before, strict=True):
+        put_raw(stack.settings, visit, det)
+    # announced after the restart through the intake process, which reconnects by itself
     after = make_visit(INSTRUMENT, nimages=1)
-    wait_until(lambda: announce(stack.app, stack.settings, after, detectors=DETECTORS), 60, "announce")
-    for det in DETECTORS:
-        put_raw(stack.settings, after, det)
-    assert _summary(stack, after, 120)["counts"]["ok"] == 2
-    summary = _summary(stack, before, 120)
-    recorded = {rec.detector for rec in catchup.list_records(stack.rdb) if rec.group == before.groupId}
-    for det in DETECTORS:  # completed, or recorded for catch-up: never silently lost
+    wait_until(lambda: _post(stack, after, 0), 60, "announced after the restart")
+    put_raw(stack.settings, after, 0)
+    assert _summary(stack, after, 120)["counts"]["ok"] == 1
+    # the queue controller in the intake carried on too
+    wait_until(lambda: float(stack.rdb.hget(STATE_KEY, "checked") or 0) > restarted, 30, "controller ticking")
+    for det, visit in zip(DETECTORS, before, strict=True):
+        summary = _summary(stack, visit, 120)
         entry = summary["detectors"][str(det)]
-        assert entry["outcome"] == "ok" or det in recorded, summary
+        # completed, or recorded for catch-up: never silently lost
+        assert entry["outcome"] == "ok" or catchup.read_record(stack.rdb, INSTRUMENT, visit.groupId, det), summary
 
 
 # --------------------------------------------------------------------------- 4
