@@ -47,7 +47,9 @@ __all__ = [
     "announce",
     "deadline_eta",
     "detector_queue",
+    "active_detectors",
     "instrument_detectors",
+    "parse_detector_spec",
     "kwargs_repr",
     "parse_detector_queue",
     "plan_chord",
@@ -146,6 +148,39 @@ def plan_deadline(visit: NextVisit, margin_s: float, now: float) -> tuple[Planne
     return task, max(0.0, deadline_eta(visit, margin_s) - now)
 
 
+def parse_detector_spec(spec: str) -> dict[str, list[int]]:
+    """``'SimCam=0-3,5;LSSTCam=0-188'`` → ``{"SimCam": [0, 1, 2, 3, 5], "LSSTCam": [0, ..., 188]}``.
+
+    Raises
+    ------
+    ValueError
+        A part that is not ``INSTRUMENT=RANGES``.
+    """
+    out: dict[str, list[int]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, sep, ranges = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"active_detectors: {part!r} is not INSTRUMENT=RANGES")
+        chosen: set[int] = set()
+        for item in filter(None, (r.strip() for r in ranges.split(","))):
+            low, dash, high = item.partition("-")
+            try:
+                first, last = int(low), int(high if dash else low)
+            except ValueError:
+                raise ValueError(f"active_detectors: {item!r} is not a detector or a range") from None
+            if first < 0 or last < first:
+                raise ValueError(f"active_detectors: bad range {item!r}")
+            chosen.update(range(first, last + 1))
+        out[name.strip()] = sorted(chosen)
+    return out
+
+
+def active_detectors(settings: Settings, instrument: str) -> list[int]:
+    """The detectors a visit of ``instrument`` runs on: from settings, else from its plugin."""
+    configured = parse_detector_spec(settings.active_detectors).get(instrument)
+    return configured if configured else instrument_detectors(instrument)
+
+
 def instrument_detectors(instrument: str) -> list[int]:
     """The active science detectors of ``instrument``, from its plugin in the registry.
 
@@ -213,7 +248,9 @@ def announce(
     ctx = settings_or_ctx if isinstance(settings_or_ctx, Context) else Context(settings_or_ctx)
     own_ctx = ctx is not settings_or_ctx
     try:
-        chosen = sorted({int(d) for d in (detectors if detectors is not None else instrument_detectors(visit.instrument))})
+        if detectors is None:
+            detectors = active_detectors(ctx.settings, visit.instrument)
+        chosen = sorted({int(d) for d in detectors})
         if not chosen:
             raise InvalidVisit("detector: no detectors to process")
         if chosen[0] < 0:

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     )
 
     # --- visits ---------------------------------------------------------------------------
+    active_detectors: str = Field(
+        "",
+        description="Active science detectors per instrument, e.g. 'SimCam=0-3,5;LSSTCam=0-188'; "
+        "an instrument not named uses its plugin's list.",
+    )
     ledger_ttl_s: int = Field(7 * 24 * 3600, description="How long visit ledgers are kept in Redis (s).")
     deadline_margin_s: float = Field(120.0, description="Visit deadline after its expected end (s).")
     wait_margin_s: float = Field(120.0, description="wait_for_snap timeout after the visit's expected end (s).")

@@ -119,3 +119,20 @@ def test_kwargs_repr_names_the_visit() -> None:
     plan = plan_chord(visit, [7])
     assert kwargs_repr(plan.chains[0][0].kwargs) == f"{{'visit': 'LSSTCam/{visit.groupId}', 'detector': 7}}"
     assert kwargs_repr({"instrument": "X", "group": "g"}) == "{'instrument': 'X', 'group': 'g'}"
+
+
+def test_detector_spec() -> None:
+    from prompt_tasks.router import parse_detector_spec
+
+    assert parse_detector_spec("SimCam=0-3,5; LSSTCam=7") == {"SimCam": [0, 1, 2, 3, 5], "LSSTCam": [7]}
+    assert parse_detector_spec("") == {}
+    for bad in ("SimCam", "SimCam=a-b", "SimCam=5-3", "=1"):
+        with pytest.raises(ValueError, match="active_detectors"):
+            parse_detector_spec(bad)
+
+
+def test_active_detectors_from_settings_then_plugin() -> None:
+    from prompt_tasks.router import active_detectors
+
+    assert active_detectors(Settings(active_detectors="SimCam=0-1"), "SimCam") == [0, 1]
+    assert active_detectors(Settings(), "SimCam") == list(range(9))
