@@ -364,6 +364,7 @@ def export_pending(ctx: Context, schedule: Callable[[float], None], force: bool 
 
     try:
         result = drain(ctx, repos_of(ctx).central, _open_local_readonly(ctx), schedule, force=force)
-    except (SQLAlchemyError, OSError) as exc:
+    except (SQLAlchemyError, OSError, RuntimeError, ExceptionGroup) as exc:
+        # registry or datastore trouble (parallel artifact copies fail as an ExceptionGroup)
         raise RetryLater(f"export failed, will retry: {type(exc).__name__}: {exc}", delay=2.0) from exc
     return result.to_dict()

@@ -184,3 +184,29 @@ def _open_local(path: str):
     if not Path(path, "butler.yaml").exists():
         raise FileNotFoundError(path)
     return Butler.from_config(path)
+
+
+def test_a_failed_export_is_retried_without_rerunning_the_pipeline(ctx: Context) -> None:
+    from prompt_tasks.butler_stages import export_pending
+    from prompt_tasks.errors import RetryLater
+
+    start = NIGHT_START + 3 * 86400  # a night of its own: its output directory is not there yet
+    _process(ctx, start)
+    requests = [ExportRequest.from_json(x) for x in ctx.redis.lrange(EXPORT_LIST, 0, -1)]
+    day_dir = Path(ctx.settings.central_repo_uri) / requests[0].run.rsplit("/", 2)[0]
+    assert not day_dir.exists()
+    day_dir.parent.mkdir(parents=True, exist_ok=True)
+    day_dir.write_text("a file where the datastore wants a directory: every copy fails")
+    try:
+        with pytest.raises(RetryLater, match="export failed, will retry"):
+            export_pending(ctx, lambda delay: None, force=True)
+        assert pending(ctx.redis) == 3  # nothing lost, nothing half-written
+        central = repos_of(ctx).central
+        central.registry.refresh()
+        assert _count(central, "raw_summary", requests[0].run) == 0
+    finally:
+        day_dir.unlink()
+    result = export_pending(ctx, lambda delay: None, force=True)
+    assert result["requests"] == 3 and pending(ctx.redis) == 0
+    central.registry.refresh()
+    assert _count(central, "raw_summary", requests[0].run) == 3
