@@ -84,6 +84,8 @@ POLICIES: dict[str, StagePolicy] = {
     "wait": StagePolicy(soft_time_limit=3000.0, time_limit=3060.0, max_retries=5),
     "ingest": StagePolicy(soft_time_limit=120.0, time_limit=150.0, max_retries=3),
     "run": StagePolicy(soft_time_limit=600.0, time_limit=660.0, max_retries=1),
+    # the raw-calibration route (prompt_tasks.calibration): ingest + preload + run in one task
+    "calib": StagePolicy(soft_time_limit=600.0, time_limit=660.0, max_retries=3),
 }
 
 
