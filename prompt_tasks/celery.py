@@ -17,7 +17,7 @@ from prompt_tasks.settings import Settings
 __all__ = ["TASK_MODULES", "app", "broker_transport_options", "celery_config", "create_app", "settings_of"]
 
 #: Modules whose tasks every process of the fleet registers.
-TASK_MODULES: list[str] = ["prompt_tasks.tasks", "prompt_tasks.operations"]
+TASK_MODULES: list[str] = ["prompt_tasks.tasks", "prompt_tasks.operations", "prompt_tasks.calibration"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
