@@ -201,7 +201,6 @@ def test_bias_put_with_no_visit_is_verified_by_a_worker(route_settings: Settings
     from prompt_tasks.dispatcher import CALIB_QUEUE, dispatcher_for
 
     app = create_app(route_settings)
-    app.loader.import_module("prompt_tasks.calibration")
     ctx = Context(route_settings)
     stop = threading.Event()
     dispatcher = dispatcher_for(ctx, known=frozenset({"SimCam"}), celery_app=app)
@@ -226,5 +225,24 @@ def test_bias_put_with_no_visit_is_verified_by_a_worker(route_settings: Settings
         stop.set()
         thread.join(10)
         ctx.close()
+        drop_context(app, close=True)
+        app.close()
+
+
+def test_noop_payload_only_records(settings: Settings, rdb: redis.Redis) -> None:
+    from prompt_tasks.celery import create_app
+    from prompt_tasks.context import drop_context
+    from prompt_tasks.dispatcher import CALIB_TASK
+
+    app = create_app(settings.model_copy(update={"payload": "noop"}))
+    try:
+        kwargs = {"instrument": "SimCam", "group": "g1", "detector": 2, "snap": 0, "bucket": "raws",
+                  "key": "SimCam/2/g1/0/bias.fits", "calib_type": "bias"}
+        status = app.tasks[CALIB_TASK].apply(kwargs=kwargs).get()
+        assert status["outcome"] == "ok" and status["stage"] == "calib" and status["data"]["placeholder"]
+        recorded = read_result(rdb, "SimCam", "g1", 2, 0)
+        assert recorded is not None and recorded.data["placeholder"] is True
+        assert not rdb.exists("visit:SimCam:g1")
+    finally:
         drop_context(app, close=True)
         app.close()
