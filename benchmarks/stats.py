@@ -33,6 +33,12 @@ Stages (seconds, one sample per detector-visit unless said otherwise):
     the framework's cost on the critical path: ``(run.end − last PUT) − compute``, where
     ``compute`` is the pipeline's own execution time (``run.execute_s``, or for the baseline
     the same detector-visit's execution time measured in-process).
+``queued for a worker``
+    the part of the two hand-offs (``wait→ingest``, ``ingest→run``) during which the compute
+    worker that then ran the stage was busy with other detector-visits: waiting for a CPU
+    that the machine does not have, not framework cost.
+``overhead excl. queueing``
+    ``overhead − queued for a worker``.
 ``last snap→summary`` (one sample per visit)
     ``summarized − the visit's last PUT``.
 
@@ -57,6 +63,7 @@ __all__ = [
     "detector_visits",
     "first_vs_warm",
     "percentile",
+    "queued",
     "ratios",
     "stage_samples",
     "summarize",
@@ -75,6 +82,8 @@ STAGES: tuple[str, ...] = (
     "pipeline end→summary",
     "export lag",
     "overhead",
+    "queued for a worker",
+    "overhead excl. queueing",
     "last snap→summary",
 )
 
@@ -104,6 +113,8 @@ class DetectorVisit:
     run_parts: dict[str, float] = field(default_factory=dict)
     exported: float | None = None
     worker: str = ""
+    #: Stage → node name of the worker that ran it.
+    stage_workers: dict[str, str] = field(default_factory=dict)
 
     @property
     def last_put(self) -> float | None:
@@ -162,6 +173,8 @@ def detector_visits(raw: Mapping[str, str], puts: Puts, exported: Mapping[int, f
             rec.outcome = str(value)
         elif rest == "worker":
             rec.worker = str(value)
+        elif rest.endswith(".worker") and rest.count(".") == 1:
+            rec.stage_workers[rest.removesuffix(".worker")] = str(value)
     for (det, snap), when in puts.items():
         if det in out:
             out[det].puts[snap] = when
@@ -173,6 +186,41 @@ def detector_visits(raw: Mapping[str, str], puts: Puts, exported: Mapping[int, f
 
 def _diff(later: float | None, earlier: float | None) -> float | None:
     return None if later is None or earlier is None else later - earlier
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def queued(visits: Iterable[DetectorVisit]) -> dict[tuple[str, int], float]:
+    """Per detector-visit, seconds of its hand-offs during which the next stage's worker was
+    busy with other detector-visits (see ``queued for a worker`` in the module doc)."""
+    visits = list(visits)
+    busy: dict[str, list[tuple[str, int, float, float]]] = {}
+    for dv in visits:
+        for stage in ("prepare", "ingest", "run"):
+            worker = dv.stage_workers.get(stage)
+            start, end = dv.times.get(f"{stage}.start"), dv.times.get(f"{stage}.end")
+            if worker and start is not None and end is not None:
+                busy.setdefault(worker, []).append((dv.group, dv.detector, start, end))
+    out: dict[tuple[str, int], float] = {}
+    for dv in visits:
+        total = 0.0
+        for gap_from, gap_to, stage in (("wait.end", "ingest.start", "ingest"), ("ingest.end", "run.start", "run")):
+            a, b, worker = dv.times.get(gap_from), dv.times.get(gap_to), dv.stage_workers.get(stage)
+            if a is None or b is None or not worker or b <= a:
+                continue
+            others = _merged([(max(s, a), min(e, b)) for g, d, s, e in busy.get(worker, ())
+                              if (g, d) != (dv.group, dv.detector) and e > a and s < b])
+            total += sum(e - s for s, e in others)
+        out[(dv.group, dv.detector)] = total
+    return out
 
 
 def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, int], float] | None = None
@@ -188,6 +236,8 @@ def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, i
         if value is not None:
             out[stage].append(value)
 
+    visits = list(visits)
+    waits = queued(visits)
     for dv in visits:
         times = dv.times
         own = dv.compute if compute is None else compute.get((dv.group, dv.detector), dv.compute)
@@ -213,7 +263,11 @@ def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, i
         if graph is not None and start is not None and "run.start" in times:
             add("run set-up", start - times["run.start"] - graph)
         critical = _diff(run_end, last_put)
-        add("overhead", None if critical is None or own is None else critical - own)
+        overhead = None if critical is None or own is None else critical - own
+        add("overhead", overhead)
+        if overhead is not None:
+            add("queued for a worker", waits.get((dv.group, dv.detector), 0.0))
+            add("overhead excl. queueing", overhead - waits.get((dv.group, dv.detector), 0.0))
     return out
 
 

@@ -12,6 +12,7 @@ from benchmarks.stats import (
     detector_visits,
     first_vs_warm,
     percentile,
+    queued,
     ratios,
     stage_samples,
     summarize,
@@ -130,3 +131,18 @@ def test_a_late_wait_is_not_a_notification_latency() -> None:
     samples = stage_samples(detector_visits(raw, _puts()))
     assert samples["PUT→snap seen"] == []
     assert samples["PUT→snap indexed"] == [approx(0.01), approx(0.015)]
+
+
+def test_time_queued_behind_other_detectors_on_the_same_worker() -> None:
+    raw = _raw()
+    for det in (0, 1):
+        for stage in ("prepare", "ingest", "run"):
+            raw[f"d00{det}.{stage}.worker"] = "detector-1@h"
+    # detector 1 runs on the same worker during detector 0's wait→ingest gap (T+30.02..30.1)
+    raw["d001.ingest.start"], raw["d001.ingest.end"] = repr(T + 30.0), repr(T + 30.07)
+    visits = detector_visits(raw, _puts())
+    assert visits[0].stage_workers == {"prepare": "detector-1@h", "ingest": "detector-1@h", "run": "detector-1@h"}
+    assert queued(visits)[("g1", 0)] == approx(0.05)
+    samples = stage_samples(visits)
+    assert samples["queued for a worker"] == [approx(0.05)]
+    assert samples["overhead excl. queueing"] == [approx(0.95)]
