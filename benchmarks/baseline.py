@@ -300,7 +300,7 @@ def run_baseline(settings: Settings, bucket: str, plan: Sequence[Any], detectors
         end = time.time() + timeout
         for group, jobs in futures.items():
             exported: dict[int, float] = {}
-            for det, job in zip(detectors, jobs):
+            for det, job in zip(detectors, jobs, strict=False):
                 try:
                     fields = job.result(timeout=max(end - time.time(), 1.0))
                 except Exception as exc:  # noqa: BLE001 - report and go on

@@ -219,7 +219,7 @@ def _collect(settings: Settings, groups: Sequence[str], detectors: Sequence[int]
         exported: dict[str, dict[int, float]] = {}
         for g in groups:
             values = client.mget([_export_key(g, d) for d in detectors]) if detectors else []
-            exported[g] = {d: float(v) for d, v in zip(detectors, values) if v}
+            exported[g] = {d: float(v) for d, v in zip(detectors, values, strict=False) if v}
     finally:
         client.close()
     return hashes, exported

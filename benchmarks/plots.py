@@ -45,7 +45,7 @@ def stage_plot(ours: Mapping[str, Sequence[float]], baseline: Mapping[str, Seque
             labels.append(stage)
             colours.append("tab:blue")
         parts = ax.boxplot(rows, vert=False, patch_artist=True, whis=(5, 95), showfliers=True)
-        for patch, colour in zip(parts["boxes"], colours):
+        for patch, colour in zip(parts["boxes"], colours, strict=False):
             patch.set_facecolor(colour)
             patch.set_alpha(0.5)
         ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=8)
