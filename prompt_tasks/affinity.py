@@ -108,7 +108,7 @@ def rebalance(queues: Iterable[str], workers: Iterable[str],
     for queue in queues:
         if queue in owner:
             continue
-        choices = [target[queue]] + _preference(queue, workers)
+        choices = [target[queue], *_preference(queue, workers)]
         worker = next(w for w in choices if len(held[w]) < cap)
         owner[queue] = worker
         held[worker].append(queue)

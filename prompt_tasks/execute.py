@@ -15,6 +15,7 @@ Pipelines are loaded, configured and hashed once per process (:class:`PipelineCa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
@@ -152,10 +153,8 @@ def _execute(run_butler: Butler, executor: Any, graph: Any) -> list[list[str]]:
         clobber_outputs=True, raise_on_partial_outputs=True,
     )
     graph_executor = MPGraphExecutor(num_proc=1, timeout=2_592_000.0, quantum_executor=quantum_executor)
-    try:
+    with contextlib.suppress(MPGraphExecutorError):  # the report says which quanta failed
         executor.run_pipeline(graph, graph_executor=graph_executor)
-    except MPGraphExecutorError:
-        pass  # the report says which quanta failed
     report = graph_executor.getReport()
     failed = []
     for quantum in report.quantaReports if report is not None else []:

@@ -193,7 +193,7 @@ def export_batch(central: Butler, requests: Sequence[ExportRequest],
     for dataset_type in dataset_types.values():
         central.registry.registerDatasetType(dataset_type)
     with central.transaction():
-        for request, local, refs, records in work:
+        for _request, local, refs, records in work:
             for element, element_records in records.items():
                 if element_records:
                     central.registry.insertDimensionData(element, *element_records, skip_existing=True)

@@ -89,7 +89,7 @@ def _enum_value(enum: type[IntEnum], value: Any) -> Any:
     """Accept an enum member, its integer, the integer as a string, or its name."""
     if isinstance(value, bool):  # pydantic's lax mode would read true as 1
         names = ", ".join(m.name for m in enum)
-        raise ValueError(f"expected one of {names}, not a boolean")  # noqa: TRY004 (pydantic wants ValueError)
+        raise ValueError(f"expected one of {names}, not a boolean")
     if isinstance(value, str):
         text = value.strip()
         if text.lstrip("-").isdigit():
@@ -132,7 +132,7 @@ class NextVisit(BaseModel):
     def _plain_number(cls, value: Any) -> Any:
         # pydantic's lax mode reads true as 1 and "1_0" as 10: neither is a number here.
         if isinstance(value, bool):
-            raise ValueError("expected a number, not a boolean")  # noqa: TRY004 (pydantic wants ValueError)
+            raise ValueError("expected a number, not a boolean")
         if isinstance(value, str) and not _NUMBER_TEXT.fullmatch(value):
             raise ValueError("expected a number")
         return value

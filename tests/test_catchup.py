@@ -30,7 +30,8 @@ def _rec(key_group: str, failed_at: float, state: str = "pending", attempts: int
 
 
 def test_window_plain_and_wrapping() -> None:
-    at = lambda h, m=0: datetime(2026, 11, 24, h, m, tzinfo=UTC)
+    def at(h, m=0):
+        return datetime(2026, 11, 24, h, m, tzinfo=UTC)
     assert in_window("08:00-18:00", at(8)) and in_window("08:00-18:00", at(17, 59))
     assert not in_window("08:00-18:00", at(18)) and not in_window("08:00-18:00", at(3))
     assert in_window("20:00-06:00", at(23)) and in_window("20:00-06:00", at(5))

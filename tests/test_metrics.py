@@ -5,7 +5,13 @@ from __future__ import annotations
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from prompt_tasks.metrics import RedisCollector, count, observe, read_counters, read_histogram
+from prompt_tasks.metrics import (
+    RedisCollector,
+    count,
+    observe,
+    read_counters,
+    read_histogram,
+)
 
 
 def test_histogram_and_counter_round_trip(rdb: redis.Redis) -> None:

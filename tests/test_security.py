@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from celery.exceptions import TimeoutError as ResultTimeout
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.exceptions import TimeoutError as ResultTimeout
 
 from prompt_tasks.celery import celery_config
 from prompt_tasks.settings import Settings

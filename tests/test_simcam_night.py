@@ -129,6 +129,9 @@ def test_run_night_announces_and_delivers_on_time(settings: Settings, rdb: redis
                                                                              recursive=True))
     assert keys == sorted(raw_key(config, p.spec, d, s) for p in plan for d in (0, 1) for s in range(2))
     # Every PUT raised a bucket event, and the ledger knows both visits.
+    deadline = time.monotonic() + 30.0  # events land ~10 ms after each PUT; more on a loaded machine
+    while rdb.llen(settings.event_list) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert rdb.llen(settings.event_list) == 8
     for index, p in enumerate(plan):
         record = report.ledger[index]

@@ -14,6 +14,7 @@ Gathering is the pure :class:`Gatherer`; :class:`StreamConsumer` does the I/O.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -391,10 +392,8 @@ class StreamConsumer:
     def _count(self, outcome: str, amount: int = 1) -> None:
         from prompt_tasks.metrics import count
 
-        try:
+        with contextlib.suppress(redis_lib.RedisError):
             count(self.client, METRIC, amount, outcome=outcome)
-        except redis_lib.RedisError:
-            pass
 
     def _router_announce(self, visit: NextVisit, detectors: list[int]) -> Any:
         from prompt_tasks.router import announce

@@ -8,6 +8,7 @@ worker records. Config overrides use the same ``label:field=value`` words as ``p
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -208,10 +209,8 @@ def run_pipeline_in_process(
     graph_executor = MPGraphExecutor(
         num_proc=1, timeout=2_592_000.0, quantum_executor=quantum_executor
     )
-    try:
+    with contextlib.suppress(MPGraphExecutorError):  # the report below says which quanta failed
         executor.run_pipeline(graph, graph_executor=graph_executor)
-    except MPGraphExecutorError:
-        pass  # the report below says which quanta failed
     summary.execute_seconds = time.perf_counter() - start
     report = graph_executor.getReport()
     for quantum in report.quantaReports if report is not None else []:

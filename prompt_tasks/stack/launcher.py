@@ -199,7 +199,7 @@ def _wait_healthy(
     pending = {c.name: (c, p) for c, p in started}
     end = time.monotonic() + timeout
     while pending:
-        for name, (component, proc) in list(pending.items()):
+        for component, proc in list(pending.values()):
             if proc.pid() is None:
                 raise _fail(settings, component, "exited during start-up")
         nodes = {c.node: n for n, (c, _) in pending.items() if c.health is Health.CELERY_PING}

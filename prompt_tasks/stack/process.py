@@ -12,6 +12,7 @@ the fallback for pid files without a start time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,10 +73,7 @@ class ManagedProcess:
             pid = int(fields[0])
         except (OSError, ValueError, IndexError):
             return None
-        if len(fields) > 1:
-            ours = _start_time(pid) == fields[1]
-        else:
-            ours = self._matches(_cmdline(pid))
+        ours = _start_time(pid) == fields[1] if len(fields) > 1 else self._matches(_cmdline(pid))
         if _is_zombie(pid) or not ours:
             self.pid_file.unlink(missing_ok=True)
             return None
@@ -156,10 +154,8 @@ class ManagedProcess:
             time.sleep(0.05)
         # Also kill what is left of the group (e.g. pool children of a worker whose main
         # process ended first).
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         end = time.monotonic() + 5
         while time.monotonic() < end and self._alive(pid):
             time.sleep(0.05)

@@ -137,7 +137,7 @@ def sky_to_tangent(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> 
 
 
 def _polygon(ra: np.ndarray, dec: np.ndarray) -> ConvexPolygon:
-    return ConvexPolygon([UnitVector3d(LonLat.fromDegrees(float(r), float(d))) for r, d in zip(ra, dec)])
+    return ConvexPolygon([UnitVector3d(LonLat.fromDegrees(float(r), float(d))) for r, d in zip(ra, dec, strict=False)])
 
 
 @dataclass(frozen=True)

@@ -295,7 +295,7 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
                 report.late_puts += int(tai_now() - event.at > 1.0)
                 keys = [raw_key(config, visit.spec, det, event.snap) for det in detectors]
                 for future in [pool.submit(summit.put, key, images[(det, event.snap)])
-                               for key, det in zip(keys, detectors)]:
+                               for key, det in zip(keys, detectors, strict=False)]:
                     future.result()
                 report.put += len(keys)
                 if progress:

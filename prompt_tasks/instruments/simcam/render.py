@@ -25,7 +25,7 @@ def render_points(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np
     half = math.ceil(10 * sigma) + 1
     offsets = np.arange(-half, half + 1)
     ny, nx = shape
-    for xi, yi, fi in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float)):
+    for xi, yi, fi in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float), strict=False):
         ix, iy = round(xi), round(yi)
         if ix + half < 0 or iy + half < 0 or ix - half >= nx or iy - half >= ny or not fi > 0:
             continue

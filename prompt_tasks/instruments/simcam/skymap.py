@@ -105,7 +105,7 @@ class SimSkyMap:
         xs, ys = np.array([x0, x1, x1, x0]) - 0.5, np.array([y0, y0, y1, y1]) - 0.5
         xi, eta = -(xs - cx) * self.pixel_scale / 3600.0, (ys - cy) * self.pixel_scale / 3600.0
         ras, decs = tangent_to_sky(xi, eta, ra, dec)
-        return ConvexPolygon([UnitVector3d(LonLat.fromDegrees(float(a), float(d))) for a, d in zip(ras, decs)])
+        return ConvexPolygon([UnitVector3d(LonLat.fromDegrees(float(a), float(d))) for a, d in zip(ras, decs, strict=False)])
 
     def tract_region(self, tract: int) -> ConvexPolygon:
         """The sky a tract covers."""
