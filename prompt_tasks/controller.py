@@ -41,6 +41,7 @@ __all__ = [
     "WORKER_PREFIX",
     "QueueController",
     "adopted_assignment",
+    "central_queues",
     "managed_queues",
     "plan_actions",
     "read_assignment",
@@ -63,6 +64,40 @@ def managed_queues(instruments: Iterable[str]) -> list[str]:
     return sorted(
         detector_queue(instrument, det) for instrument in instruments for det in instrument_detectors(instrument)
     )
+
+
+def central_queues(settings: Settings, instruments: Iterable[str]) -> list[str]:
+    """The detector queues of the camera stored in the central repo, when it has one.
+
+    A simulated camera's focal plane is chosen when its central repo is built (SimCam: 1 to
+    189 detectors), so the plugin's default geometry may list fewer detectors than the visits
+    name; their queues must have a consumer too. An unreadable or absent repo gives none.
+    """
+    from pathlib import Path
+
+    if not (Path(settings.central_repo_uri) / "butler.yaml").exists():
+        return []
+    try:
+        from lsst.daf.butler import Butler
+
+        from prompt_tasks.central import INSTRUMENT, read_camera
+        from prompt_tasks.instruments import load_plugin
+
+        butler = Butler.from_config(settings.central_repo_uri)
+        try:
+            camera = read_camera(butler)
+        finally:
+            butler.close()
+        if camera is None:
+            return []
+        out = []
+        for instrument in (i for i in instruments if i == INSTRUMENT):  # the camera is this instrument's
+            geometry = load_plugin(instrument).geometry(camera)
+            out += [detector_queue(instrument, getattr(d, "id", d)) for d in getattr(geometry, "detectors", ())]
+        return out
+    except Exception:
+        log.warning("could not read the central repo's camera", exc_info=True)
+        return []
 
 
 def plan_actions(
@@ -138,7 +173,7 @@ class QueueController:
                 from prompt_tasks.instruments import known_instruments
 
                 instruments = sorted(known_instruments())
-            queues = managed_queues(instruments)
+            queues = managed_queues(instruments) + central_queues(settings, instruments)
         self.queues: list[str] = sorted(set(queues))
         #: Queue → worker, as last applied.
         self.assignment: dict[str, str] = {}
