@@ -34,9 +34,10 @@ Stages (seconds, one sample per detector-visit unless said otherwise):
     ``compute`` is the pipeline's own execution time (``run.execute_s``, or for the baseline
     the same detector-visit's execution time measured in-process).
 ``queued for a worker``
-    the part of the two hand-offs (``wait→ingest``, ``ingest→run``) during which the compute
-    worker that then ran the stage was busy with other detector-visits: waiting for a CPU
-    that the machine does not have, not framework cost.
+    after the last PUT, the time the detector-visit's next stage waited (``received →
+    prepare``, ``wait → ingest``, ``ingest → run``) while the compute worker that then ran
+    it was busy with other detector-visits: waiting for a CPU the machine does not have,
+    not framework cost.
 ``overhead excl. queueing``
     ``overhead − queued for a worker``.
 ``last snap→summary`` (one sample per visit)
@@ -212,8 +213,13 @@ def queued(visits: Iterable[DetectorVisit]) -> dict[tuple[str, int], float]:
     out: dict[tuple[str, int], float] = {}
     for dv in visits:
         total = 0.0
-        for gap_from, gap_to, stage in (("wait.end", "ingest.start", "ingest"), ("ingest.end", "run.start", "run")):
-            a, b, worker = dv.times.get(gap_from), dv.times.get(gap_to), dv.stage_workers.get(stage)
+        windows = (("received", "prepare.start", "prepare"), ("wait.end", "ingest.start", "ingest"),
+                   ("ingest.end", "run.start", "run"))
+        for gap_from, gap_to, stage in windows:
+            a = dv.received if gap_from == "received" else dv.times.get(gap_from)
+            b, worker = dv.times.get(gap_to), dv.stage_workers.get(stage)
+            if a is not None and dv.last_put is not None:
+                a = max(a, dv.last_put)  # only what delays the detector-visit after its last snap
             if a is None or b is None or not worker or b <= a:
                 continue
             others = _merged([(max(s, a), min(e, b)) for g, d, s, e in busy.get(worker, ())

@@ -146,3 +146,17 @@ def test_time_queued_behind_other_detectors_on_the_same_worker() -> None:
     samples = stage_samples(visits)
     assert samples["queued for a worker"] == [approx(0.05)]
     assert samples["overhead excl. queueing"] == [approx(0.95)]
+
+
+def test_a_prepare_queued_past_the_last_snap_counts_as_queued() -> None:
+    raw = _raw()
+    for det in (0, 1):
+        for stage in ("prepare", "ingest", "run"):
+            raw[f"d00{det}.{stage}.worker"] = "detector-1@h"
+    # detector 0 is prepared late: its worker ran detector 1's prepare until T+30.5
+    raw["d000.prepare.start"], raw["d000.prepare.end"] = repr(T + 30.5), repr(T + 30.6)
+    raw["d001.prepare.start"], raw["d001.prepare.end"] = repr(T + 0.2), repr(T + 30.5)
+    visits = detector_visits(raw, _puts())
+    # from the last PUT (T+30) only: 0.5 s before its prepare, and the 0.08 + 0.05 s of its
+    # hand-offs that detector 1's long prepare also covers
+    assert queued(visits)[("g1", 0)] == approx(0.63)
