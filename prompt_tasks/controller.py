@@ -42,6 +42,7 @@ __all__ = [
     "QueueController",
     "adopted_assignment",
     "central_queues",
+    "configured_queues",
     "managed_queues",
     "plan_actions",
     "read_assignment",
@@ -98,6 +99,19 @@ def central_queues(settings: Settings, instruments: Iterable[str]) -> list[str]:
     except Exception:
         log.warning("could not read the central repo's camera", exc_info=True)
         return []
+
+
+def configured_queues(settings: Settings, instruments: Iterable[str]) -> list[str]:
+    """The detector queues to balance: an instrument's ``active_detectors`` from settings when
+    named there (so the active ones are spread evenly), else its plugin's and central camera's.
+    """
+    from prompt_tasks.router import parse_detector_spec
+
+    configured = parse_detector_spec(settings.active_detectors)
+    named = [i for i in instruments if configured.get(i)]
+    rest = [i for i in instruments if not configured.get(i)]
+    queues = [detector_queue(i, det) for i in named for det in configured[i]]
+    return queues + (managed_queues(rest) + central_queues(settings, rest) if rest else [])
 
 
 def plan_actions(
@@ -173,7 +187,7 @@ class QueueController:
                 from prompt_tasks.instruments import known_instruments
 
                 instruments = sorted(known_instruments())
-            queues = managed_queues(instruments) + central_queues(settings, instruments)
+            queues = configured_queues(settings, instruments)
         self.queues: list[str] = sorted(set(queues))
         #: Queue → worker, as last applied.
         self.assignment: dict[str, str] = {}

@@ -133,3 +133,14 @@ def test_rebalance_settles_in_one_round(n_queues: int, before: set[str], after: 
     start = rebalance(queues, sorted(before))
     end = rebalance(queues, sorted(after), start, joined=set(after) - set(before))
     assert rebalance(queues, sorted(after), end, joined=()) == end
+
+
+def test_configured_active_detectors_are_the_balanced_queues() -> None:
+    from prompt_tasks.affinity import rebalance
+    from prompt_tasks.controller import configured_queues
+    from prompt_tasks.settings import Settings
+
+    queues = configured_queues(Settings(active_detectors="SimCam=3-4"), ["SimCam"])
+    assert queues == ["detector.SimCam.003", "detector.SimCam.004"]
+    desired = rebalance(queues, ["detector-1@h", "detector-2@h"], {}, joined=set())
+    assert sorted(desired.values()) == ["detector-1@h", "detector-2@h"]  # one each
