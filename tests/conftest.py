@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from celery import Celery
 
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import redis_binary
-from tests.servers import missing, private_servers, test_settings
+from tests.servers import celery_app_for, missing, private_servers, test_settings
 
 pytest_plugins = ["tests.simcam_fixtures"]
 
@@ -53,18 +52,6 @@ def state_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def celery_app(settings: Settings) -> Iterator[Celery]:
-    """A Celery app on the private servers with every task module of the fleet registered.
-
-    Tasks are ``shared_task``s, so they bind to this app as to the production one.
-    """
-    from prompt_tasks.celery import TASK_MODULES, create_app
-    from prompt_tasks.context import drop_context
-
-    for module in TASK_MODULES:
-        importlib.import_module(module)
-    app = create_app(settings)
-    app.loader.import_module("celery.contrib.testing.tasks")  # registers celery.ping
-    app.set_current()
-    yield app
-    drop_context(app, close=True)
-    app.close()
+    """A Celery app on the private servers with every task module of the fleet registered."""
+    with celery_app_for(settings) as app:
+        yield app

@@ -6,12 +6,14 @@ talks to services that happen to run on the machine.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from prompt_tasks.objstore import wait_live
 from prompt_tasks.settings import Settings
@@ -22,6 +24,27 @@ from prompt_tasks.stack.servers import (
     start_s3,
     wait_redis,
 )
+
+
+@contextmanager
+def celery_app_for(settings: Settings) -> Iterator[Celery]:
+    """A Celery app on ``settings`` with every task module of the fleet registered.
+
+    Tasks are ``shared_task``s, so they bind to this app as to the production one.
+    """
+    from prompt_tasks.celery import TASK_MODULES, create_app
+    from prompt_tasks.context import drop_context
+
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+    app = create_app(settings)
+    app.loader.import_module("celery.contrib.testing.tasks")  # registers celery.ping
+    app.set_current()
+    try:
+        yield app
+    finally:
+        drop_context(app, close=True)
+        app.close()
 
 
 def missing(reason: str) -> None:

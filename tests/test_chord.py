@@ -24,7 +24,7 @@ from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import redis_binary
 from prompt_tasks.stage import fault_key
 from prompt_tasks.visit import NextVisit, tai_now
-from tests.servers import missing, private_servers
+from tests.servers import celery_app_for, missing, private_servers
 from tests.servers import test_settings as private_settings
 
 INSTRUMENT = "ChordCam"
@@ -50,16 +50,8 @@ def chord_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
 
 @pytest.fixture(scope="module")
 def app(chord_settings: Settings) -> Iterator[Celery]:
-    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
-    from prompt_tasks.celery import create_app
-    from prompt_tasks.context import drop_context
-
-    celery_app = create_app(chord_settings)
-    celery_app.loader.import_module("celery.contrib.testing.tasks")
-    celery_app.set_current()
-    yield celery_app
-    drop_context(celery_app, close=True)
-    celery_app.close()
+    with celery_app_for(chord_settings) as celery_app:
+        yield celery_app
 
 
 @pytest.fixture(scope="module")

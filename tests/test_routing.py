@@ -42,7 +42,7 @@ from prompt_tasks.stack.env import child_env
 from prompt_tasks.stack.servers import redis_binary
 from prompt_tasks.stage import fault_key
 from prompt_tasks.visit import NextVisit, tai_now
-from tests.servers import missing, private_servers
+from tests.servers import celery_app_for, missing, private_servers
 from tests.servers import test_settings as private_settings
 from workers import ROLES, celery_argv
 
@@ -70,16 +70,8 @@ def route_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
 
 @pytest.fixture(scope="module")
 def app(route_settings: Settings) -> Iterator[Celery]:
-    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
-    from prompt_tasks.celery import create_app
-    from prompt_tasks.context import drop_context
-
-    celery_app = create_app(route_settings)
-    celery_app.loader.import_module("celery.contrib.testing.tasks")
-    celery_app.set_current()
-    yield celery_app
-    drop_context(celery_app, close=True)
-    celery_app.close()
+    with celery_app_for(route_settings) as celery_app:
+        yield celery_app
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from prompt_tasks.router import announce, detector_queue
 from prompt_tasks.settings import Settings
 from prompt_tasks.visit import NextVisit
 from tests.butlerkit import central_fixture, next_visit, put_raws, visit_spec, world
+from tests.servers import celery_app_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,16 +59,8 @@ def e2e_settings(central: Settings, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def app(e2e_settings: Settings) -> Iterator[Celery]:
-    import prompt_tasks.tasks  # noqa: F401  (registers the shared tasks)
-    from prompt_tasks.celery import create_app
-    from prompt_tasks.context import drop_context
-
-    celery_app = create_app(e2e_settings)
-    celery_app.loader.import_module("celery.contrib.testing.tasks")
-    celery_app.set_current()
-    yield celery_app
-    drop_context(celery_app, close=True)
-    celery_app.close()
+    with celery_app_for(e2e_settings) as celery_app:
+        yield celery_app
 
 
 @pytest.fixture(scope="module")
