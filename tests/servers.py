@@ -47,6 +47,39 @@ def celery_app_for(settings: Settings) -> Iterator[Celery]:
         app.close()
 
 
+@contextmanager
+def postgres_schema(prefix: str) -> Iterator[tuple[str, str]]:
+    """``(url, schema)``: a fresh schema on the test PostgreSQL server, dropped afterwards.
+
+    The server comes from ``PROMPT_TASKS_TEST_POSTGRES_URL``; missing or unreachable, the test
+    is skipped on a developer's machine and fails under CI.
+    """
+    import uuid
+
+    import sqlalchemy
+
+    from prompt_tasks.central import database_url
+
+    raw = os.environ.get("PROMPT_TASKS_TEST_POSTGRES_URL")
+    if not raw:
+        missing("PROMPT_TASKS_TEST_POSTGRES_URL is not set")
+    url = database_url(str(raw))
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    except sqlalchemy.exc.OperationalError as exc:
+        engine.dispose()
+        missing(f"PostgreSQL at PROMPT_TASKS_TEST_POSTGRES_URL is not reachable: {exc}")
+    try:
+        yield url, schema
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        engine.dispose()
+
+
 def missing(reason: str) -> None:
     """Skip on a developer's machine; fail under CI (``CI`` set), where nothing may be missing."""
     if os.environ.get("CI"):

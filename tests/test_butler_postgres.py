@@ -8,8 +8,6 @@ Skipped on a developer's machine without the variable, a failure under CI.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from tests.butlerkit import (
     wait_status,
     world,
 )
-from tests.servers import missing
+from tests.servers import postgres_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -37,31 +35,12 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture(scope="module")
 def pg_central(servers: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A central repo whose registry is in a fresh PostgreSQL schema (APDB on SQLite)."""
-    url = os.environ.get("PROMPT_TASKS_TEST_POSTGRES_URL")
-    if not url:
-        missing("PROMPT_TASKS_TEST_POSTGRES_URL is not set")
-    import sqlalchemy
+    from prompt_tasks.central import init_central
 
-    from prompt_tasks.central import database_url, init_central
-
-    url = database_url(url)
-    schema = f"butler_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        engine.dispose()
-        missing(f"PostgreSQL at PROMPT_TASKS_TEST_POSTGRES_URL is not reachable: {exc}")
-    base = tmp_path_factory.mktemp("pg-central")
-    settings = servers.model_copy(update={"state_dir": base})
-    try:
+    with postgres_schema("butler") as (url, schema):
+        settings = servers.model_copy(update={"state_dir": tmp_path_factory.mktemp("pg-central")})
         init_central(settings, config=world(), registry_db=url, registry_namespace=schema)
         yield settings
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from prompt_tasks.central import (
 from prompt_tasks.instruments.simcam.config import SimConfig
 from prompt_tasks.instruments.simcam.skymap import SimSkyMap
 from prompt_tasks.settings import Settings
-from tests.servers import missing
+from tests.servers import postgres_schema
 from tests.simcam_fixtures import SmallCentral, small_config
 
 
@@ -117,29 +115,8 @@ def test_cli_init_twice(tmp_path: Path) -> None:
 @pytest.fixture
 def postgres_url() -> Iterator[tuple[str, str]]:
     """A fresh schema on the test PostgreSQL server, dropped afterwards."""
-    url = os.environ.get("PROMPT_TASKS_TEST_POSTGRES_URL")
-    if not url:
-        missing("PROMPT_TASKS_TEST_POSTGRES_URL is not set")
-    import sqlalchemy
-
-    from prompt_tasks.central import database_url
-
-    url = database_url(url)
-    schema = f"central_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        engine.dispose()
-        missing(f"PostgreSQL at PROMPT_TASKS_TEST_POSTGRES_URL is not reachable: {exc}")
-    try:
-        yield url, schema
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}_apdb" CASCADE'))
-        engine.dispose()
+    with postgres_schema("central") as url_schema:
+        yield url_schema
 
 
 @pytest.mark.postgres
