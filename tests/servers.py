@@ -76,7 +76,8 @@ def postgres_schema(prefix: str) -> Iterator[tuple[str, str]]:
         yield url, schema
     finally:
         with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            for name in (schema, f"{schema}_apdb"):  # an APDB may be given the companion schema
+                conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
         engine.dispose()
 
 
