@@ -8,7 +8,7 @@ PYTHON312 ?= $(shell (d=$$(pyenv prefix 3.12 2>/dev/null || pyenv prefix 3.12.1 
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test system-deps venv lint clean readme
+.PHONY: demo test system-deps venv lint clean readme bench bench-readme
 
 system-deps:
 	@command -v redis-server >/dev/null || { \
@@ -32,6 +32,14 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check prompt_tasks workers tests benchmarks beat_schedule.py
+
+# Rerun every benchmark scenario (results in benchmarks/results/) and regenerate the README's
+# Performance tables from them; bench-readme only regenerates the tables.
+bench: venv
+	$(BIN)/python -m benchmarks.suite
+
+bench-readme: venv
+	$(BIN)/python -m benchmarks.readme
 
 # Regenerate the README's configuration table from the settings' fields.
 readme: venv

@@ -15,13 +15,16 @@ baseline). Each job, as the seed designed it:
    the local repo.
 
 Each job returns the same fields the ledger holds (``dNNN.<stage>.start`` ...), so
-:mod:`benchmarks.stats` reads both runs alike. The raws are PUT into a bucket of their own
+:mod:`benchmarks.stats` reads both runs alike, and the CPU seconds of each of its stages and of
+the whole job (``dNNN.<stage>.cpu_s``, ``dNNN.job.cpu_s``: the process's own time plus its
+``pipetask`` subprocesses'), for the CPU accounting (:mod:`benchmarks.cpu`). The raws are PUT into a bucket of their own
 (no bucket events, nobody else listening), with the same keys and bytes as the measured run.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,7 +38,10 @@ from typing import Any
 
 from prompt_tasks.settings import Settings
 
-__all__ = ["BaselineJob", "BaselineRun", "run_baseline", "run_job"]
+__all__ = ["STAGES", "BaselineJob", "BaselineRun", "cpu_now", "run_baseline", "run_job"]
+
+#: The baseline job's stages, each with its CPU seconds recorded.
+STAGES = ("prepare", "wait", "ingest", "run", "export")
 
 #: Seconds between two listings of the bucket.
 POLL_S = 0.5
@@ -70,6 +76,12 @@ def _field(detector: int, name: str) -> str:
     return f"d{int(detector):03d}.{name}"
 
 
+def cpu_now() -> float:
+    """CPU seconds of this process and of its reaped children (``pipetask`` subprocesses)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def _pipetask() -> str:
     found = Path(sys.executable).with_name("pipetask")
     return str(found) if found.exists() else (shutil.which("pipetask") or "pipetask")
@@ -78,7 +90,7 @@ def _pipetask() -> str:
 def _snaps_in_bucket(ctx: Any, bucket: str, instrument: str, group: str, detector: int) -> dict[int, str]:
     """Snap → key of the detector-visit's raws present in ``bucket`` (one listing)."""
     from prompt_tasks.errors import InvalidEvent
-    from prompt_tasks.keys import parse_key, scheme_for
+    from prompt_tasks.model.objectkeys import parse_key, scheme_for
 
     scheme = scheme_for(instrument)
     found: dict[int, str] = {}
@@ -128,21 +140,28 @@ def run_job(job: BaselineJob) -> dict[str, str]:
     from lsst.daf.butler import Butler
     from lsst.pipe.base import Instrument
 
-    from prompt_tasks.butler_stages import candidates_for, footprint_for
-    from prompt_tasks.central import apdb_config_path
+    from prompt_tasks.butler.ingest import VisitExpectation, ingest_snaps
+    from prompt_tasks.butler.localrepo import seed_config_for
+    from prompt_tasks.butler.preload import PreloadTarget, inputs_of, plan_preload, preload
+    from prompt_tasks.butler.stages import candidates_for, footprint_for
     from prompt_tasks.context import Context
-    from prompt_tasks.ingest import VisitExpectation, ingest_snaps
     from prompt_tasks.instruments import load_plugin
-    from prompt_tasks.localrepo import seed_config_for
-    from prompt_tasks.preload import PreloadTarget, inputs_of, plan_preload, preload
-    from prompt_tasks.visit import NextVisit
+    from prompt_tasks.instruments.simcam.central import apdb_config_path
+    from prompt_tasks.model.visit import NextVisit
 
     visit = NextVisit.model_validate(job.visit)
     det = int(job.detector)
     out: dict[str, str] = {}
 
+    cpu_marks = {"job": cpu_now()}
+
     def stamp(name: str, when: float | None = None) -> None:
         out[_field(det, name)] = repr(time.time() if when is None else when)
+        stage, _, edge = name.partition(".")
+        if edge == "start":
+            cpu_marks[stage] = cpu_now()
+        elif edge == "end" and stage in cpu_marks:
+            out[_field(det, f"{stage}.cpu_s")] = repr(round(cpu_now() - cpu_marks[stage], 4))
 
     settings = job.settings.model_copy(update={"raw_bucket": job.bucket})
     ctx = Context(settings)
@@ -224,9 +243,11 @@ def run_job(job: BaselineJob) -> dict[str, str]:
             return out
 
         # 6. export, then drop the repo
+        cpu_marks["export"] = cpu_now()
         local = Butler.from_config(str(repo), writeable=False)
         _export(central, local, run, raw_run)
         stamp("exported")
+        out[_field(det, "export.cpu_s")] = repr(round(cpu_now() - cpu_marks["export"], 4))
         out[_field(det, "outcome")] = "ok"
         out[_field(det, "stage")] = "run"
         return out
@@ -240,6 +261,7 @@ def run_job(job: BaselineJob) -> dict[str, str]:
                 butler.close()
         ctx.close()
         shutil.rmtree(repo, ignore_errors=True)
+        out[_field(det, "job.cpu_s")] = repr(round(cpu_now() - cpu_marks["job"], 4))
 
 
 def _warm_up() -> float:
@@ -248,7 +270,7 @@ def _warm_up() -> float:
     import lsst.daf.butler
     import lsst.pipe.base  # noqa: F401
 
-    import prompt_tasks.butler_stages  # noqa: F401
+    import prompt_tasks.butler.stages  # noqa: F401
 
     time.sleep(0.5)  # keep this process busy so the other warm-ups land on the others
     return time.perf_counter() - t0

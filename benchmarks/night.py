@@ -9,13 +9,21 @@
 3. plays the night: ``next_visit`` per detector on the fan-out stream, raws PUT on schedule
    (their PUT completion times recorded), several visits in flight;
 4. reads the ledger (and the export records) and reports per stage p50 / p95 / max, the
-   framework overhead, throughput, and CPU / memory of every component (psutil);
+   framework overhead, throughput, CPU / memory of every component (psutil), and the CPU
+   accounting: every component's CPU-seconds over the night, by component and by stage, per
+   detector-visit (:mod:`benchmarks.cpu`), with the machine's load and CPU busy share;
 5. measures a cold start: a new compute worker process until it answers, and a fresh process
    importing the middleware and opening the repos; and each detector's first visit against
    its warm ones;
 6. stops the fleet and runs the :mod:`benchmarks.baseline` on the same raws (its own bucket),
    and prints baseline / ours per stage;
-7. writes ``result.json`` and PNG plots into ``--out`` (default ``bench-results/``).
+7. writes ``result.json`` and PNG plots into ``--out`` (default ``bench-results/``) and, with
+   ``--results DIR``, the scenario's small committed summary (:mod:`benchmarks.results`).
+
+``--unsaturated`` sizes the night so that nothing should queue (one compute worker per
+detector, the cadence above the announcement lead + the exposures + one visit's work) and
+reports the latencies with the share of each spent queued (:func:`benchmarks.stats.queue_shares`).
+``--payload noop`` runs the framework only (the stages do their bookkeeping, no Butler work).
 
 ``--memory-visits N`` instead plays N quick visits with the Trivial pipeline and reports the
 resident memory of each compute worker after every visit (the curve; 10 vs N).
@@ -24,6 +32,7 @@ resident memory of each compute worker after every visit (the curve; 10 vs N).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -50,14 +59,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from benchmarks import stats
+from benchmarks import cpu, stats
 from benchmarks.resources import Sampler, pid_files, summarize_samples, tree_usage
 from prompt_tasks.settings import Settings
+from prompt_tasks.store.keys import export_done_key, stream_key, visit_key
 
 if TYPE_CHECKING:
     from benchmarks.summit import Played
 
-__all__ = ["GOALS", "BenchOptions", "command", "main", "run_bench", "run_memory"]
+__all__ = ["GOALS", "BenchOptions", "command", "cpu_ratios", "main", "run_bench", "run_memory", "unsaturated"]
 
 #: Roles of the fleet (everything but the two servers).
 FLEET_ROLES = ("detector", "wait", "summary", "beat", "flower", "dispatcher", "intake")
@@ -96,11 +106,26 @@ class BenchOptions:
     wait_s: float = 600.0
     plots: bool = True
     quiet: bool = False
+    #: ``butler`` (preload, ingest, pipeline) or ``noop`` (the framework only).
+    payload: str = "butler"
+    #: Size the night so that nothing queues (see :func:`unsaturated`).
+    unsaturated: bool = False
+    #: One detector-visit's work after its last snap (s), for :func:`unsaturated` [a guess by pipeline].
+    visit_work_s: float = 0.0
+    #: Name of the scenario [``<pipeline>-<detectors>x<size>``].
+    name: str = ""
+    #: Where to write the scenario's small committed summary (None: nowhere).
+    results: Path | None = None
+    #: Also time this many announcements of all the run's detectors on a private Redis, after the
+    #: night (:func:`benchmarks.announce.measure`); 0: not measured.
+    announce_visits: int = 0
 
     @property
     def scenario(self) -> str:
-        """Name of the run, e.g. ``ApPipe-9x2048``."""
-        return f"{self.pipeline}-{self.detectors}x{self.size}"
+        """Name of the run, e.g. ``ApPipe-9x2048`` (``noop-...`` for the framework-only payload)."""
+        if self.name:
+            return self.name
+        return f"{'noop' if self.payload == 'noop' else self.pipeline}-{self.detectors}x{self.size}"
 
     @property
     def survey(self) -> str:
@@ -111,8 +136,29 @@ class BenchOptions:
 # --------------------------------------------------------------------------- the stack
 
 
-def bench_settings(base: Settings, state_dir: Path, workers: int, margin_s: float) -> Settings:
-    """Settings of the benchmark's own stack: its state directory, free ports, no AOF.
+#: A guess at one detector-visit's work after its last snap on a shared 2-core machine (s), by
+#: pipeline, for a 2048² detector (scaled by area, at least 2 s): :func:`unsaturated`'s default.
+VISIT_WORK_GUESS_S = {"Trivial": 3.0, "ApPipe": 40.0}
+
+
+def unsaturated(options: BenchOptions, readout_s: float = 1.0) -> BenchOptions:
+    """``options`` sized so that nothing queues: one compute worker per detector, and a cadence
+    that leaves the next announcement after this visit's work (lead + exposures + work + 2 s).
+
+    The cadence is never shortened below ``options.cadence``.
+    """
+    work = options.visit_work_s or max(2.0, VISIT_WORK_GUESS_S.get(options.pipeline, 40.0) * (options.size / 2048) ** 2)
+    if options.payload == "noop":
+        work = options.visit_work_s or 1.0
+    exposures = options.snaps * (options.exptime + readout_s)
+    cadence = max(options.cadence, float(math.ceil(options.lead + exposures + work + 2.0)))
+    return replace(options, workers=max(options.workers, options.detectors), cadence=cadence, visit_work_s=work)
+
+
+def bench_settings(base: Settings, state_dir: Path, workers: int, margin_s: float, payload: str = "butler",
+                   detectors: int = 0) -> Settings:
+    """Settings of the benchmark's own stack: its state directory, free ports, no AOF, and (with
+    ``detectors``) SimCam's active detectors, which the queue controller spreads over the workers.
 
     ``margin_s`` widens the wait and deadline margins: the raws are rendered before the night,
     so visits are replayed after their planned start times.
@@ -125,12 +171,13 @@ def bench_settings(base: Settings, state_dir: Path, workers: int, margin_s: floa
         "central_repo": None, "local_repo_root": None, "apdb_url": None, "broker_url": None,
         "result_backend": None, "s3_endpoint": None, "event_redis_url": None,
         "wait_margin_s": max(base.wait_margin_s, margin_s), "deadline_margin_s": max(base.deadline_margin_s, margin_s),
-        "log_json": True, "log_level": "WARNING",
+        "log_json": True, "log_level": "WARNING", "payload": payload,
+        **({"active_detectors": f"SimCam=0-{detectors - 1}"} if detectors else {}),
     })
 
 
 def _ensure_central(settings: Settings, config: Any, say: Callable[[str], None]) -> None:
-    from prompt_tasks.central import init_central
+    from prompt_tasks.instruments.simcam.central import init_central
 
     started = time.monotonic()
     steps = init_central(settings, config=config)
@@ -144,14 +191,13 @@ def _stream_announcer(settings: Settings, detectors: Sequence[int]) -> tuple[Cal
     import redis
 
     from prompt_tasks.instruments.simcam.night import fanout_messages
-    from prompt_tasks.intake.stream import stream_name
 
     client = redis.Redis.from_url(settings.events_redis, decode_responses=True)
 
     def announce(visit: Any) -> None:
         pipe = client.pipeline(transaction=False)
         for message in fanout_messages(visit, detectors):
-            pipe.xadd(stream_name("SimCam"), message)  # type: ignore[arg-type]
+            pipe.xadd(stream_key("SimCam"), message)  # type: ignore[arg-type]
         pipe.execute()
 
     return announce, client.close
@@ -168,7 +214,7 @@ def _await(settings: Settings, groups: Sequence[str], timeout: float, progress: 
     its export), or ``timeout``."""
     import redis
 
-    from prompt_tasks import ledger
+    from prompt_tasks.store import ledger
 
     client = redis.Redis.from_url(settings.events_redis, decode_responses=True)
     bar = progress.add_task("visits summarized", total=len(groups)) if progress else None
@@ -177,7 +223,7 @@ def _await(settings: Settings, groups: Sequence[str], timeout: float, progress: 
     try:
         while pending and time.monotonic() < end:
             for group in sorted(pending):
-                if client.hexists(ledger.visit_key("SimCam", group), "summary"):
+                if client.hexists(visit_key("SimCam", group), "summary"):
                     pending.discard(group)
                     if progress is not None and bar is not None:
                         progress.advance(bar)
@@ -186,10 +232,12 @@ def _await(settings: Settings, groups: Sequence[str], timeout: float, progress: 
             return
         bar = progress.add_task("exports committed", total=len(groups) * len(detectors)) if progress else None
         waiting = {(g, d) for g in groups for d in detectors
-                   if client.hget(ledger.visit_key("SimCam", g), ledger.detector_field(d, "outcome")) == "ok"}
+                   if client.hget(visit_key("SimCam", g), ledger.detector_field(d, "outcome")) == "ok"}
         if progress is not None and bar is not None:
             progress.update(bar, total=len(waiting))
-        end = max(end, time.monotonic() + 120.0)
+        # an export that does not commit within a minute of the summaries is reported missing
+        # (n of "last snap→exported" below the detector-visits), not waited for
+        end = time.monotonic() + 60.0
         while waiting and time.monotonic() < end:
             for g, d in sorted(waiting):
                 if client.exists(_export_key(g, d)):
@@ -202,8 +250,8 @@ def _await(settings: Settings, groups: Sequence[str], timeout: float, progress: 
 
 
 def _export_key(group: str, detector: int) -> str:
-    # The record prompt_tasks.export writes when a detector-visit's batch is committed.
-    return f"export:done:SimCam:{group}:{int(detector)}"
+    # The record the export writes when a detector-visit's batch is committed.
+    return export_done_key("SimCam", group, detector)
 
 
 def _collect(settings: Settings, groups: Sequence[str], detectors: Sequence[int]
@@ -211,11 +259,10 @@ def _collect(settings: Settings, groups: Sequence[str], detectors: Sequence[int]
     """Raw ledger hashes and export commit times of ``groups``."""
     import redis
 
-    from prompt_tasks import ledger
 
     client = redis.Redis.from_url(settings.events_redis, decode_responses=True)
     try:
-        hashes = {g: client.hgetall(ledger.visit_key("SimCam", g)) for g in groups}
+        hashes = {g: client.hgetall(visit_key("SimCam", g)) for g in groups}
         exported: dict[str, dict[int, float]] = {}
         for g in groups:
             values = client.mget([_export_key(g, d) for d in detectors]) if detectors else []
@@ -232,10 +279,10 @@ _OPEN_REPOS = """
 import time, sys
 t0 = time.perf_counter()
 import lsst.daf.butler, lsst.pipe.base
-import prompt_tasks.tasks, prompt_tasks.butler_stages
+import prompt_tasks.flow.tasks, prompt_tasks.butler.stages
 t1 = time.perf_counter()
 from prompt_tasks.context import Context
-from prompt_tasks.localrepo import repos_of
+from prompt_tasks.butler.localrepo import repos_of
 from prompt_tasks.settings import Settings
 ctx = Context(Settings())
 repos = repos_of(ctx)
@@ -325,7 +372,8 @@ def _analyse(hashes: dict[str, dict[str, str]], puts: dict[str, dict[tuple[int, 
     for dv in flat:
         outcomes[dv.outcome or "pending"] = outcomes.get(dv.outcome or "pending", 0) + 1
     result = {
-        "stages": {stage: stats.summarize(samples.get(stage, [])) for stage in (*stats.STAGES, *stats.BREAKDOWN)},
+        "stages": {**{stage: stats.summarize(samples.get(stage, [])) for stage in (*stats.STAGES, *stats.BREAKDOWN)},
+                   **stats.warm_summaries(flat)},
         "outcomes": outcomes,
         "detector_visits": len(flat),
         "throughput_per_min": stats.throughput(flat),
@@ -346,20 +394,28 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     from prompt_tasks.stack import launcher
 
     say = console.print
+    if options.unsaturated:
+        from prompt_tasks.instruments.simcam.visits import READOUT_S
+
+        options = unsaturated(options, READOUT_S)
+        say(f"unsaturated: {options.workers} compute workers for {options.detectors} detectors, cadence "
+            f"{options.cadence:g} s (lead {options.lead:g} s + {options.snaps} x ({options.exptime:g} s + readout) "
+            f"+ one visit's work {options.visit_work_s:g} s + 2 s)")
+    noop = options.payload == "noop"
     out = options.out / options.scenario
     out.mkdir(parents=True, exist_ok=True)
     state = options.state_dir or (options.out / f"state-{options.scenario}")
     config = _sim_config(options)
     detectors = list(range(options.detectors))
     result: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(),
+                              "scenario": options.scenario,
                               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
     say(f"[bold]{options.scenario}[/bold]: {options.visits} visits x {options.detectors} detectors x "
-        f"{options.snaps} snaps, {options.pipeline}, cadence {options.cadence / options.speed:.1f} s, "
+        f"{options.snaps} snaps, {'noop payload' if noop else options.pipeline}, "
+        f"cadence {options.cadence / options.speed:.1f} s, "
         f"state {state}")
 
     # Build the world and render the raws before anything is measured.
-    prelim = bench_settings(base, state, options.workers, 0.0)
-    _ensure_central(prelim, config, say)
     plan = _plan(options, config, options.visits)
     raws = out / "raws"
     with _progress(console) as progress:
@@ -369,20 +425,29 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     from prompt_tasks.instruments.simcam.night import tai_now
 
     behind = max(0.0, tai_now() - plan[0].announce_at)
-    settings = bench_settings(base, state, options.workers, behind + 900.0)
+    settings = bench_settings(base, state, options.workers, behind + 900.0, options.payload, options.detectors)
     shutil.rmtree(settings.local_repo_path, ignore_errors=True)  # compute workers start cold
 
+    # the servers first: the central repo may live on the S3 server (the noop payload reads none)
+    launcher.up(settings, skip=FLEET_ROLES, report=lambda c, m: None if options.quiet else say(f"  {c}: {m}"))
+    if not noop:
+        _ensure_central(settings, config, say)
     launcher.up(settings, skip=("flower",), report=lambda c, m: None if options.quiet else say(f"  {c}: {m}"))
     announce, close = _stream_announcer(settings, detectors)
-    sampler = Sampler(lambda: pid_files(settings.state_dir / "run"))
+    run_dir = settings.state_dir / "run"
+    sampler = Sampler(lambda: pid_files(run_dir))
     played: Played | None = None
     try:
         sampler.start()
+        cpu_before, machine_before = cpu.snapshot(pid_files(run_dir)), cpu.machine_times()
+        commands_before = _redis_commands(settings)
         with _progress(console) as progress:
             bar = progress.add_task("raws PUT", total=sum(p.spec.snaps for p in plan) * len(detectors))
             played = play(config, plan, detectors, raws, announce, bucket_put(make_client(settings), settings.raw_bucket),
                           speed=options.speed, on_put=lambda k: progress.advance(bar, k))
-            _await(settings, [p.spec.group for p in plan], options.wait_s, progress, detectors, exports=True)
+            _await(settings, [p.spec.group for p in plan], options.wait_s, progress, detectors, exports=not noop)
+        cpu_after, machine_after = cpu.snapshot(pid_files(run_dir)), cpu.machine_times()
+        commands = _redis_commands(settings) - commands_before
         samples = sampler.stop()
         hashes, exported = _collect(settings, [p.spec.group for p in plan], detectors)
         if options.cold_start:
@@ -400,6 +465,13 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     ours["late_events"] = sum(1 for x in played.late if x > 1.0)
     ours["first_vs_warm"] = stats.first_vs_warm(flat)
     ours["ledger"] = hashes
+    ours["latency"] = stats.queue_shares(flat)
+    ours["cpu"] = cpu.account(cpu_before, cpu_after, len(flat), stats.stage_cpu(flat))
+    ours["cpu"]["check"] = cpu.check(ours["cpu"])
+    ours["cpu"]["warm_stages_per_detector_visit"] = stats.warm_stage_cpu(flat)
+    ours["cpu"].update(framework_cpu(ours["cpu"], stats.payload_cpu(flat)))
+    ours["cpu"]["redis_commands_per_detector_visit"] = round(commands / len(flat), 1) if flat else None
+    ours["machine_window"] = cpu.machine_window(machine_before, machine_after, ours["cpu"]["total_cpu_s"])
     result["ours"] = ours
     compute = {(dv.group, dv.detector): dv.compute for dv in flat if dv.compute is not None}
     if options.cold_start:
@@ -408,6 +480,11 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     if options.baseline:
         result["baseline"] = _run_baseline(options, base, settings, config, plan, detectors, raws, compute, console)
         result["ratios"] = stats.ratios(result["ours"]["stages"], result["baseline"]["stages"])
+        result["cpu_ratios"] = cpu_ratios(result["ours"]["cpu"], result["baseline"]["cpu"])
+    if options.announce_visits:
+        from benchmarks.announce import measure
+
+        result["announce"] = measure(options.detectors, options.announce_visits)
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["goals"] = goals(result)
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str))
@@ -417,6 +494,10 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
         result["plots"] = [str(p) for p in draw_all(result, hashes, played, out)]
     print_report(result, console)
     say(f"results: {out / 'result.json'}")
+    if options.results is not None:
+        from benchmarks.results import write_scenario
+
+        say(f"committed summary: {write_scenario(result, options.results)}")
     if not options.keep:
         shutil.rmtree(raws, ignore_errors=True)
     return result
@@ -452,19 +533,72 @@ def _run_baseline(options: BenchOptions, base: Settings, settings: Settings, con
 
             sampler = Sampler(lambda: {"baseline": os.getpid()})
             sampler.start()
+            servers = {n: p for n, p in pid_files(settings.state_dir / "run").items() if n in ("redis", "s3")}
+            cpu_before, machine_before = cpu.snapshot(servers), cpu.machine_times()
             run, played = run_baseline(settings, bucket, sub_plan, sub_dets, replay, workers,
                                        settings.state_dir / "baseline", on_done=lambda k: progress.advance(bar_done, k))
+            cpu_after, machine_after = cpu.snapshot(servers), cpu.machine_times()
             samples = sampler.stop()
     finally:
         if not options.keep:
             launcher.down(settings)
-    result, _ = _analyse(run.hashes, played.puts, played.announced, run.exported, compute)
+    result, flat = _analyse(run.hashes, played.puts, played.announced, run.exported, compute)
+    from benchmarks.baseline import STAGES as BASELINE_STAGES
+
+    jobs = stats.stage_cpu(flat, ("job",))["job"]
+    result["cpu"] = cpu.account({**cpu_before, "jobs": 0.0}, {**cpu_after, "jobs": jobs}, len(flat),
+                                stats.stage_cpu(flat, BASELINE_STAGES))
+    result["cpu"]["check"] = cpu.check(result["cpu"])
+    result["machine_window"] = cpu.machine_window(machine_before, machine_after, result["cpu"]["total_cpu_s"])
     result["resources"] = summarize_samples(samples)
     result["errors"] = run.errors[:20]
     result["ledger"] = run.hashes
     result["workers"] = workers
     result["visits"], result["detectors"] = len(sub_plan), len(sub_dets)
     return result
+
+
+def _redis_commands(settings: Settings) -> int:
+    """Commands the stack's Redis has processed so far (broker, results, ledger, events)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.events_redis)
+    try:
+        return int(client.info("stats").get("total_commands_processed", 0))  # type: ignore[union-attr]
+    finally:
+        client.close()
+
+
+def cpu_ratios(ours: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
+    """Baseline / ours CPU-seconds per detector-visit: the total and every stage both have."""
+    a, b = ours["per_detector_visit"], baseline["per_detector_visit"]
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None or x <= 0 else round(y / x, 2)
+
+    out = {"total": ratio(a["total"], b["total"])}
+    for stage in ("prepare", "ingest", "run", "redis", "s3"):
+        x = a["stages"].get(stage, a["groups"].get(stage))
+        y = b["stages"].get(stage, b["groups"].get(stage))
+        out[stage] = ratio(x, y)
+    # the baseline's wait is its polling; ours the wait worker plus the dispatcher
+    wait = (a["groups"].get("wait") or 0.0) + (a["groups"].get("dispatcher") or 0.0)
+    out["wait (ours: wait worker + dispatcher)"] = ratio(wait or None, b["stages"].get("wait"))
+    return out
+
+
+def framework_cpu(accounting: dict[str, Any], payload_s: float) -> dict[str, Any]:
+    """The framework's CPU: every component's CPU-seconds but the pipelines' quanta, in total and
+    per detector-visit (the quanta's own CPU is the science payload's, ``payload_cpu_s``)."""
+    n = accounting["detector_visits"]
+    framework = max(accounting["total_cpu_s"] - payload_s, 0.0)
+    return {"payload_cpu_s": round(payload_s, 4), "framework_cpu_s": round(framework, 4),
+            "framework_per_detector_visit": round(framework / n, 4) if n else None,
+            "payload_per_detector_visit": round(payload_s / n, 4) if n else None}
+
+
+#: The framework's CPU per detector-visit that the fleet must stay under (s).
+FRAMEWORK_CPU_GOAL_S = 0.15
 
 
 def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -481,6 +615,22 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     ratio = result.get("ratios", {}).get("overhead", {}).get("p95")
     out.append({"goal": "overhead p95 ≥ 5× below the baseline", "value": ratio,
                 "met": None if ratio is None else ratio >= 5.0})
+    warm_prepared = stages.get("next_visit→prepared (warm)", {}).get("p95")
+    out.append({"goal": "next_visit→prepared (warm) p95 ≤ 2 s", "value": warm_prepared,
+                "met": None if warm_prepared is None else warm_prepared <= 2.0})
+    framework = result.get("ours", {}).get("cpu", {}).get("framework_per_detector_visit")
+    out.append({"goal": f"framework CPU per detector-visit ≤ {FRAMEWORK_CPU_GOAL_S:g} s", "value": framework,
+                "met": None if framework is None else framework <= FRAMEWORK_CPU_GOAL_S})
+    if result.get("options", {}).get("pipeline") == "Trivial":  # the goal is Trivial's graph
+        # its CPU time: what it takes on an idle core, whether or not this run saturates the machine
+        graph = stages.get("graph build CPU (warm)", {}).get("p50")
+        wall = stages.get("graph build (warm)", {}).get("p50")
+        out.append({"goal": "warm quantum-graph build p50 ≤ 0.05 s (Trivial, CPU-s)", "value": graph, "wall": wall,
+                    "met": None if graph is None else graph <= 0.05})
+    announce = result.get("announce")
+    if announce:
+        out.append({"goal": f"{announce['detectors']}-detector announce p50 ≤ 0.2 s", "value": announce["p50"],
+                    "met": announce["p50"] <= 0.2})
     late = result.get("ours", {}).get("prepared_late")
     out.append({"goal": "prepared before the first snap, always", "value": late, "met": None if late is None else late == 0})
     summary = stages.get("last snap→summary", {}).get("max")
@@ -533,6 +683,8 @@ def print_report(result: dict[str, Any], console: Console) -> None:
         rtable.add_row(name, str(usage["cpu_mean_pct"]), str(usage["cpu_peak_pct"]), str(usage["rss_peak_mb"]),
                        str(usage["rss_last_mb"]))
     console.print(rtable)
+    print_cpu(result, console)
+    print_latency(result, console)
     if result.get("cold_start"):
         console.print(f"cold start: {json.dumps(result['cold_start'])}")
     gtable = Table(title="goals")
@@ -542,6 +694,67 @@ def print_report(result: dict[str, Any], console: Console) -> None:
         met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[goal["met"]]
         gtable.add_row(goal["goal"], str(goal["value"]), met)
     console.print(gtable)
+
+
+def print_cpu(result: dict[str, Any], console: Console) -> None:
+    """CPU-seconds per detector-visit by component group and by stage, ours vs the baseline."""
+    ours = result["ours"].get("cpu")
+    if not ours:
+        return
+    base = (result.get("baseline") or {}).get("cpu")
+    window = result["ours"].get("machine_window", {})
+    table = Table(title=f"CPU-seconds per detector-visit ({ours['detector_visits']} ours"
+                        + (f", {base['detector_visits']} baseline" if base else "")
+                        + f"); machine CPU busy {window.get('cpu_busy_share')}, load "
+                        f"{window.get('load_start')} → {window.get('load_end')}")
+    for column in ("by", "ours CPU-s", "ours per det-visit", "baseline per det-visit", "baseline / ours"):
+        table.add_column(column, justify="left" if column == "by" else "right")
+
+    def row(label: str, key: str, kind: str) -> None:
+        mine = ours["per_detector_visit"][kind].get(key)
+        theirs = base["per_detector_visit"][kind].get(key) if base else None
+        ratio = None if mine is None or theirs is None or mine <= 0 else round(theirs / mine, 2)
+        table.add_row(label, f"{ours[kind].get(key, 0.0):.2f}", _cpu(mine), _cpu(theirs), _fmt(ratio, "x"))
+
+    for stage in ours["stages"]:  # the compute stages, then every other component
+        row(stage, stage, "stages")
+    if base:
+        for stage in base["stages"]:
+            if stage not in ours["stages"]:
+                table.add_row(f"{stage} (baseline)", "", "", _cpu(base["per_detector_visit"]["stages"][stage]), "")
+    total_ratio = result.get("cpu_ratios", {}).get("total")
+    table.add_row("[bold]total[/bold]", f"{ours['total_cpu_s']:.2f}", _cpu(ours["per_detector_visit"]["total"]),
+                  _cpu(base["per_detector_visit"]["total"]) if base else "-", _fmt(total_ratio, "x"))
+    console.print(table)
+    for label, acc in (("ours", ours), ("baseline", base)):
+        if acc and acc.get("check"):
+            console.print(f"[red]CPU accounting of {label} does not add up: {acc['check']}[/red]")
+
+
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_latency(result: dict[str, Any], console: Console) -> None:
+    """The unsaturated latencies with the share of each spent queued for a busy worker."""
+    latency = result["ours"].get("latency")
+    if not latency:
+        return
+    table = Table(title="latencies and the share spent queued for a busy compute worker")
+    for column in ("latency", "n", "p50", "p95", "max", "queued"):
+        table.add_column(column, justify="left" if column == "latency" else "right")
+    noisy = []
+    for stage, row in latency.items():
+        share = row.get("queued_share")
+        table.add_row(stage, str(row["n"]), _fmt(row["p50"]), _fmt(row["p95"]), _fmt(row["max"]),
+                      "-" if share is None else f"{100 * share:.1f} %")
+        if share is not None and share > 0.05:
+            noisy.append(f"{stage} {100 * share:.0f} %")
+    console.print(table)
+    if noisy:
+        console.print(f"[yellow]not unsaturated: time spent queued for a busy worker: {', '.join(noisy)}[/yellow]")
+    else:
+        console.print("nothing queued: every latency spent ≤ 5 % of its time waiting for a busy worker")
 
 
 def _saved_puts(run: dict[str, Any]) -> dict[str, dict[tuple[int, int], float]]:
@@ -597,7 +810,6 @@ def run_memory(options: BenchOptions, base: Settings, n_visits: int, console: Co
     import redis
 
     from benchmarks.summit import bucket_put, play, simulate_raws
-    from prompt_tasks import ledger
     from prompt_tasks.objstore import make_client
     from prompt_tasks.stack import launcher
 
@@ -608,8 +820,6 @@ def run_memory(options: BenchOptions, base: Settings, n_visits: int, console: Co
     state = options.state_dir or (options.out / f"state-memory-{options.detectors}x{options.size}")
     config = _sim_config(options)
     detectors = list(range(options.detectors))
-    prelim = bench_settings(base, state, options.workers, 0.0)
-    _ensure_central(prelim, config, console.print)
     plan = _plan(options, config, n_visits)
     raws = out / "raws"
     with _progress(console) as progress:
@@ -618,8 +828,11 @@ def run_memory(options: BenchOptions, base: Settings, n_visits: int, console: Co
     from prompt_tasks.instruments.simcam.night import tai_now
 
     span = (plan[-1].announce_at - plan[0].announce_at)
-    settings = bench_settings(base, state, options.workers, max(0.0, tai_now() - plan[0].announce_at) + span + 900.0)
+    settings = bench_settings(base, state, options.workers, max(0.0, tai_now() - plan[0].announce_at) + span + 900.0,
+                              detectors=options.detectors)
     shutil.rmtree(settings.local_repo_path, ignore_errors=True)
+    launcher.up(settings, skip=FLEET_ROLES)  # the servers first: the central repo may live on S3
+    _ensure_central(settings, config, console.print)
     launcher.up(settings, skip=("flower",))
     announce, close = _stream_announcer(settings, detectors)
     curve: list[dict[str, Any]] = []
@@ -639,7 +852,7 @@ def run_memory(options: BenchOptions, base: Settings, n_visits: int, console: Co
             bar = progress.add_task("visits summarized", total=len(plan))
             end = time.monotonic() + span / options.speed + options.wait_s
             while summarized < len(plan) and time.monotonic() < end:
-                while summarized < len(plan) and client.hexists(ledger.visit_key("SimCam", groups[summarized]), "summary"):
+                while summarized < len(plan) and client.hexists(visit_key("SimCam", groups[summarized]), "summary"):
                     summarized += 1
                     progress.advance(bar)
                     workers = {n: p for n, p in pid_files(settings.state_dir / "run").items() if n.startswith("detector-")}
@@ -668,6 +881,20 @@ def run_memory(options: BenchOptions, base: Settings, n_visits: int, console: Co
         result["plots"] = [str(memory_plot(curve, out / "memory.png"))]
     console.print(f"memory: {json.dumps(result['growth'])}")
     console.print(f"results: {out / 'result.json'}")
+    if options.results is not None:
+        from benchmarks.results import write_json
+
+        committed = {"schema": 1, "kind": "memory", "scenario": "memory", "date": result["date"],
+                     "machine": {**result["machine"], "load_avg_end": [round(x, 2) for x in os.getloadavg()]},
+                     "options": {k: result["options"][k] for k in ("detectors", "size", "speed", "workers", "cadence")},
+                     "visits": n_visits, "growth": result["growth"],
+                     "curve": [{k: v for k, v in point.items() if not k.endswith(".pids") and k != "t"}
+                               for point in curve]}
+        options.results.mkdir(parents=True, exist_ok=True)
+        if result.get("plots"):
+            shutil.copyfile(result["plots"][0], options.results / "memory.png")
+            committed["plots"] = ["memory.png"]
+        console.print(f"committed summary: {write_json(committed, options.results / 'memory.json')}")
     return result
 
 
@@ -715,6 +942,15 @@ def memory_growth(curve: Sequence[dict[str, Any]], early: int = 10) -> dict[str,
               help="Longest wait for the last summaries after the last raw (s).")
 @click.option("--plots/--no-plots", default=True, show_default=True)
 @click.option("--quiet", is_flag=True, help="Less output while the stack starts.")
+@click.option("--payload", type=click.Choice(["butler", "noop"]), default="butler", show_default=True,
+              help="noop: the framework only (stages do their bookkeeping, no Butler work).")
+@click.option("--unsaturated", is_flag=True,
+              help="Size the night so nothing queues: a compute worker per detector, a long enough cadence.")
+@click.option("--visit-work", "visit_work_s", type=float, default=0.0,
+              help="One detector-visit's work after its last snap (s), for --unsaturated [a guess].")
+@click.option("--name", default="", help="Scenario name [<pipeline>-<detectors>x<size>].")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the scenario's small summary (JSON, PNGs) here, e.g. benchmarks/results.")
 @click.option("--reanalyse", "reanalyse_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Only recompute the statistics, goals and plots of a saved result.json.")
 def command(memory_visits: int, reanalyse_path: Path | None, **values: Any) -> None:
@@ -725,7 +961,7 @@ def command(memory_visits: int, reanalyse_path: Path | None, **values: Any) -> N
     options = BenchOptions(**values)
     # SIGTERM (or SIGINT of a background job, which ignores it) still brings the stack down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
     base = Settings()
     if memory_visits:
         run_memory(options, base, memory_visits, console)

@@ -2,9 +2,11 @@
 
 - ``stages.png``: the distribution of every stage, ours beside the baseline (log time axis);
 - ``timeline.png``: one visit, detectors × stages (the project's own
-  :func:`prompt_tasks.report.draw`), taken from the middle of the night so it is warm;
+  :func:`prompt_tasks.daytime.report.draw`), taken from the middle of the night so it is warm;
 - ``resources.png``: resident memory and CPU of each component over the night;
-- ``memory.png`` (memory mode): each compute worker's RSS after every visit.
+- ``memory.png`` (memory mode): each compute worker's RSS after every visit;
+- ``cpu.png``: CPU-seconds per detector-visit by stage, ours beside the baseline;
+- ``scale.png``: the framework's CPU per detector-visit by component against the detectors.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["draw_all", "memory_plot", "resources_plot", "stage_plot", "timeline_plot"]
+__all__ = ["cpu_plot", "draw_all", "memory_plot", "resources_plot", "scale_plot", "stage_plot", "timeline_plot"]
 
 
 def _pyplot() -> Any:
@@ -63,8 +65,8 @@ def stage_plot(ours: Mapping[str, Sequence[float]], baseline: Mapping[str, Seque
 
 def timeline_plot(raw: Mapping[str, str], path: Path) -> Path | None:
     """One visit's timeline from its raw ledger hash (None when the hash is empty)."""
-    from prompt_tasks.ledger import parse_record
-    from prompt_tasks.report import draw
+    from prompt_tasks.daytime.report import draw
+    from prompt_tasks.store.ledger import parse_record
 
     # The benchmark replays visits after their planned start with wide margins: the expected
     # end and deadline markers would only stretch the axis.
@@ -136,3 +138,61 @@ def draw_all(result: Mapping[str, Any], hashes: Mapping[str, Mapping[str, str]],
             paths.append(timeline)
     paths.append(resources_plot(result["ours"].get("resource_samples", []), out / "resources.png"))
     return paths
+
+
+def cpu_plot(ours: Mapping[str, Any], baseline: Mapping[str, Any] | None, path: Path, title: str = "") -> Path:
+    """CPU-seconds per detector-visit by stage (stacked bars), ours beside the baseline."""
+    plt = _pyplot()
+    runs = [("ours", ours)] + ([("baseline", baseline)] if baseline else [])
+    stages: list[str] = []
+    for _, acc in runs:
+        stages += [s for s in acc["per_detector_visit"]["stages"] if s not in stages]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(runs)))
+    try:
+        cmap = plt.get_cmap("tab20")
+        labelled: set[str] = set()
+        for row, (_label, acc) in enumerate(runs):
+            left = 0.0
+            for k, stage in enumerate(stages):
+                value = max(acc["per_detector_visit"]["stages"].get(stage) or 0.0, 0.0)
+                if value <= 0:
+                    continue
+                ax.barh(row, value, left=left, color=cmap(k % 20), label=None if stage in labelled else stage)
+                labelled.add(stage)
+                left += value
+            ax.text(left, row, f"  {acc['per_detector_visit']['total']:.2f} s", va="center", fontsize=8)
+        ax.set_yticks(range(len(runs)), [label for label, _ in runs])
+        ax.invert_yaxis()
+        ax.set_xlabel("CPU-seconds per detector-visit")
+        ax.set_title(title or "CPU per detector-visit by stage", fontsize=10)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(runs) > 1 else -0.6))
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def scale_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """CPU-seconds per detector-visit of each component against the number of detectors."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        xs = [row["detectors"] for row in rows]
+        groups: list[str] = []
+        for row in rows:
+            groups += [g for g in row["per_detector_visit"] if g not in groups]
+        for group in groups:
+            ax.plot(xs, [1000 * (row["per_detector_visit"].get(group) or 0.0) for row in rows], marker="o", label=group)
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("detectors per visit")
+        ax.set_ylabel("CPU-milliseconds per detector-visit")
+        ax.set_title(title or "framework cost per detector-visit (noop payload)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path

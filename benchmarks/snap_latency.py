@@ -3,7 +3,7 @@
 ``python -m benchmarks.snap_latency [--detectors N] [--rounds R] [--gap S] [--worker]`` starts a private
 Redis and S3 gateway (with real bucket notifications) in a temporary directory, runs the
 event dispatcher in a thread, and for each round starts N waiters (one per detector, each a
-:func:`prompt_tasks.snap.wait_for_snaps` call in a thread) before PUTting one raw per
+:func:`prompt_tasks.flow.snap.wait_for_snaps` call in a thread) before PUTting one raw per
 detector. It reports PUT-complete → wait-returned (p50, p95, max), then does the same with
 a baseline where each waiter lists its bucket prefix every ``--poll`` seconds, and prints
 the ratio. ``--worker`` adds the production path: the real ``wait_for_snap`` task on a gevent
@@ -31,13 +31,13 @@ from pathlib import Path
 from celery import Celery
 
 from prompt_tasks.context import Context
-from prompt_tasks.dispatcher import Dispatcher, counters, dispatcher_for
-from prompt_tasks.keys import format_key, scheme_for
+from prompt_tasks.flow.dispatcher import Dispatcher, counters, dispatcher_for
+from prompt_tasks.flow.snap import wait_for_snaps
+from prompt_tasks.model.objectkeys import format_key, scheme_for
+from prompt_tasks.model.status import Outcome
 from prompt_tasks.objstore import ensure_bucket, make_client, wait_live
 from prompt_tasks.settings import Settings
-from prompt_tasks.snap import wait_for_snaps
 from prompt_tasks.stack.servers import free_port, start_redis, start_s3, wait_redis
-from prompt_tasks.status import Outcome
 
 __all__ = ["main", "percentile"]
 
@@ -175,7 +175,7 @@ def run_worker_round(ctx: Context, app: Celery, group: str, detectors: int, gap:
     The latency is PUT complete → the time the wait returned inside the worker (its status's
     ``data["ended"]``; same machine, same clock).
     """
-    from prompt_tasks.status import StageStatus
+    from prompt_tasks.model.status import StageStatus
 
     start = time.time()
     visit = {"instrument": INSTRUMENT, "groupId": group, "startTime": start, "duration": 0.0, "nimages": 1}

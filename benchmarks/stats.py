@@ -1,7 +1,7 @@
 """Per-stage latencies of a benchmark run, from ledger records and the driver's PUT times.
 
 Pure functions: they take the raw ledger hash of a visit (``HGETALL visit:<instrument>:<group>``,
-see :mod:`prompt_tasks.ledger` for its layout), the times at which the driver's PUT of each
+see :mod:`prompt_tasks.store.ledger` for its layout), the times at which the driver's PUT of each
 raw completed, and when each detector-visit's export was committed, and return samples per
 stage; then percentiles and ratios. The baseline writes the same fields, so one extraction
 serves both.
@@ -29,6 +29,8 @@ Stages (seconds, one sample per detector-visit unless said otherwise):
     ``summarized − run.end``.
 ``export lag``
     export committed − ``run.end``.
+``last snap→exported``
+    export committed − last PUT: the outputs are registered in the central repo.
 ``overhead``
     the framework's cost on the critical path: ``(run.end − last PUT) − compute``, where
     ``compute`` is the pipeline's own execution time (``run.execute_s``, or for the baseline
@@ -47,6 +49,10 @@ and the parts of ``last snap→pipeline start`` (:data:`BREAKDOWN`): ``wait→in
 waiting task's end to the ingest task's start: the hand-off through the broker), ``ingest``,
 ``ingest→run`` (hand-off), ``graph build`` (``run.graph_s``) and ``run set-up`` (the rest of
 the run stage before the pipeline executes: pipeline selection, repo and executor set-up).
+
+:func:`queue_shares` says how much of the latencies an unsaturated night should have without
+queueing was spent queued for a busy worker, and :func:`stage_cpu` sums the CPU seconds the
+compute stages recorded (``dNNN.<stage>.cpu_s``).
 """
 
 from __future__ import annotations
@@ -63,13 +69,20 @@ __all__ = [
     "Puts",
     "detector_visits",
     "first_vs_warm",
+    "payload_cpu",
     "percentile",
+    "queue_shares",
     "queued",
+    "queued_prepare",
     "ratios",
+    "stage_cpu",
     "stage_samples",
     "summarize",
     "throughput",
     "visit_samples",
+    "warm",
+    "warm_stage_cpu",
+    "warm_summaries",
 ]
 
 #: Stage names in report order.
@@ -82,6 +95,7 @@ STAGES: tuple[str, ...] = (
     "pipeline run",
     "pipeline end→summary",
     "export lag",
+    "last snap→exported",
     "overhead",
     "queued for a worker",
     "overhead excl. queueing",
@@ -116,6 +130,8 @@ class DetectorVisit:
     worker: str = ""
     #: Stage → node name of the worker that ran it.
     stage_workers: dict[str, str] = field(default_factory=dict)
+    #: Stage → CPU seconds the stage used (``<stage>.cpu_s``).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def last_put(self) -> float | None:
@@ -166,6 +182,10 @@ def detector_visits(raw: Mapping[str, str], puts: Puts, exported: Mapping[int, f
             when = _float(value)
             if when is not None:
                 rec.times[rest] = when
+        elif rest.endswith(".cpu_s") and rest.count(".") == 1:
+            seconds = _float(value)
+            if seconds is not None:
+                rec.cpu[rest.removesuffix(".cpu_s")] = seconds
         elif rest.startswith("run.") and rest.endswith("_s"):
             seconds = _float(value)
             if seconds is not None:
@@ -199,10 +219,7 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def queued(visits: Iterable[DetectorVisit]) -> dict[tuple[str, int], float]:
-    """Per detector-visit, seconds of its hand-offs during which the next stage's worker was
-    busy with other detector-visits (see ``queued for a worker`` in the module doc)."""
-    visits = list(visits)
+def _busy_by_worker(visits: Sequence[DetectorVisit]) -> dict[str, list[tuple[str, int, float, float]]]:
     busy: dict[str, list[tuple[str, int, float, float]]] = {}
     for dv in visits:
         for stage in ("prepare", "ingest", "run"):
@@ -210,6 +227,22 @@ def queued(visits: Iterable[DetectorVisit]) -> dict[tuple[str, int], float]:
             start, end = dv.times.get(f"{stage}.start"), dv.times.get(f"{stage}.end")
             if worker and start is not None and end is not None:
                 busy.setdefault(worker, []).append((dv.group, dv.detector, start, end))
+    return busy
+
+
+def _busy_with_others(busy: Mapping[str, list[tuple[str, int, float, float]]], dv: DetectorVisit,
+                      worker: str, a: float, b: float) -> float:
+    """Seconds of ``[a, b]`` during which ``worker`` ran detector-visits other than ``dv``."""
+    others = _merged([(max(s, a), min(e, b)) for g, d, s, e in busy.get(worker, ())
+                      if (g, d) != (dv.group, dv.detector) and e > a and s < b])
+    return sum(e - s for s, e in others)
+
+
+def queued(visits: Iterable[DetectorVisit]) -> dict[tuple[str, int], float]:
+    """Per detector-visit, seconds of its hand-offs during which the next stage's worker was
+    busy with other detector-visits (see ``queued for a worker`` in the module doc)."""
+    visits = list(visits)
+    busy = _busy_by_worker(visits)
     out: dict[tuple[str, int], float] = {}
     for dv in visits:
         total = 0.0
@@ -222,11 +255,81 @@ def queued(visits: Iterable[DetectorVisit]) -> dict[tuple[str, int], float]:
                 a = max(a, dv.last_put)  # only what delays the detector-visit after its last snap
             if a is None or b is None or not worker or b <= a:
                 continue
-            others = _merged([(max(s, a), min(e, b)) for g, d, s, e in busy.get(worker, ())
-                              if (g, d) != (dv.group, dv.detector) and e > a and s < b])
-            total += sum(e - s for s, e in others)
+            total += _busy_with_others(busy, dv, worker, a, b)
         out[(dv.group, dv.detector)] = total
     return out
+
+
+def queued_prepare(visits: Iterable[DetectorVisit]) -> dict[tuple[str, int], float]:
+    """Per detector-visit, seconds between ``received`` and its prepare's start during which
+    the compute worker that prepared it was busy with other detector-visits."""
+    visits = list(visits)
+    busy = _busy_by_worker(visits)
+    out: dict[tuple[str, int], float] = {}
+    for dv in visits:
+        a, b, worker = dv.received, dv.times.get("prepare.start"), dv.stage_workers.get("prepare")
+        out[(dv.group, dv.detector)] = (0.0 if a is None or b is None or not worker or b <= a
+                                        else _busy_with_others(busy, dv, worker, a, b))
+    return out
+
+
+def queue_shares(visits: Iterable[DetectorVisit]) -> dict[str, dict[str, Any]]:
+    """For the latencies an unsaturated night reports: p50 / p95 / max and the share of their
+    total spent queued for a busy compute worker (``queued_share``, 0 to 1).
+
+    ``PUT→snap seen`` is the gevent wait worker's (hundreds of concurrent waits, no queue for
+    a worker): its share is None. ``last snap→summary`` takes, per visit, the queueing of the
+    detector-visit whose pipeline ended last.
+    """
+    visits = list(visits)
+    crit, prep = queued(visits), queued_prepare(visits)
+    rows: dict[str, list[tuple[float, float | None]]] = {
+        "PUT→snap seen": [], "last snap→pipeline start": [], "last snap→exported": [],
+        "last snap→summary": [], "next_visit→prepared": []}
+    by_group: dict[str, list[DetectorVisit]] = {}
+    for dv in visits:
+        key, last_put = (dv.group, dv.detector), dv.last_put
+        by_group.setdefault(dv.group, []).append(dv)
+        waiting = dv.times.get("wait.start")
+        seen = _diff(dv.times.get("wait.end"), last_put)
+        if seen is not None and waiting is not None and last_put is not None and waiting <= last_put:
+            rows["PUT→snap seen"].append((seen, None))
+        start = _diff(dv.pipeline_start, last_put)
+        if start is not None:
+            rows["last snap→pipeline start"].append((start, crit.get(key, 0.0)))
+        exported = _diff(dv.exported, last_put)
+        if exported is not None:
+            rows["last snap→exported"].append((exported, crit.get(key, 0.0)))
+        prepared = _diff(dv.times.get("prepare.end"), dv.received)
+        if prepared is not None:
+            rows["next_visit→prepared"].append((prepared, prep.get(key, 0.0)))
+    for dvs in by_group.values():
+        puts = [dv.last_put for dv in dvs if dv.last_put is not None]
+        ended = [dv for dv in dvs if "run.end" in dv.times]
+        summarized = next((dv.summarized for dv in dvs if dv.summarized is not None), None)
+        if puts and ended and summarized is not None:
+            last = max(ended, key=lambda dv: dv.times["run.end"])
+            rows["last snap→summary"].append((summarized - max(puts), crit.get((last.group, last.detector), 0.0)))
+    out: dict[str, dict[str, Any]] = {}
+    for stage, pairs in rows.items():
+        row: dict[str, Any] = dict(summarize([lat for lat, _ in pairs]))
+        latency = sum(max(lat, 0.0) for lat, _ in pairs)
+        queue = [q for _, q in pairs if q is not None]
+        row["queued_s"] = round(sum(queue), 4) if queue else None
+        row["queued_share"] = (round(sum(queue) / latency, 4) if queue and latency > 0 else
+                               (0.0 if queue else None))
+        out[stage] = row
+    return out
+
+
+def stage_cpu(visits: Iterable[DetectorVisit], stages: Sequence[str] = ("prepare", "ingest", "run")
+              ) -> dict[str, float]:
+    """CPU seconds each of ``stages`` recorded, summed over ``visits``."""
+    out = dict.fromkeys(stages, 0.0)
+    for dv in visits:
+        for stage in stages:
+            out[stage] += dv.cpu.get(stage, 0.0)
+    return {stage: round(seconds, 4) for stage, seconds in out.items()}
 
 
 def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, int], float] | None = None
@@ -261,6 +364,7 @@ def stage_samples(visits: Iterable[DetectorVisit], compute: Mapping[tuple[str, i
         add("pipeline run", own if run_end is not None else None)
         add("pipeline end→summary", _diff(dv.summarized, run_end))
         add("export lag", _diff(dv.exported, run_end))
+        add("last snap→exported", _diff(dv.exported, last_put))
         add("wait→ingest", _diff(times.get("ingest.start"), times.get("wait.end")))
         add("ingest", _diff(times.get("ingest.end"), times.get("ingest.start")))
         add("ingest→run", _diff(times.get("run.start"), times.get("ingest.end")))
@@ -365,3 +469,44 @@ def first_vs_warm(visits: Iterable[DetectorVisit]) -> dict[str, Any]:
         first, warm = out[f"first_{kind}_s"], out[f"warm_{kind}_s"]
         out[f"{kind}_slower_s"] = None if first is None or warm is None else round(first - warm, 4)
     return out
+
+
+def warm(visits: Iterable[DetectorVisit]) -> list[DetectorVisit]:
+    """The detector-visits of a warm worker: each detector's first visit (its cold one) left out."""
+    by_det: dict[int, list[DetectorVisit]] = {}
+    for dv in visits:
+        by_det.setdefault(dv.detector, []).append(dv)
+    return [dv for dvs in by_det.values() for dv in sorted(dvs, key=lambda v: v.received or 0.0)[1:]]
+
+
+#: Stages also summarized over warm detector-visits only (:func:`warm_summaries`).
+WARM_STAGES: tuple[str, ...] = ("next_visit→prepared", "graph build", "last snap→pipeline start")
+
+
+def warm_summaries(visits: Iterable[DetectorVisit]) -> dict[str, dict[str, float | int | None]]:
+    """``<stage> (warm)`` → :func:`summarize` of :data:`WARM_STAGES` over :func:`warm` visits."""
+    warm_visits = warm(visits)
+    samples = stage_samples(warm_visits)
+    out = {f"{stage} (warm)": summarize(samples[stage]) for stage in WARM_STAGES}
+    # the graph build's own CPU: what its wall time would be on an idle core
+    out["graph build CPU (warm)"] = summarize([dv.run_parts["graph_cpu"] for dv in warm_visits
+                                               if "graph_cpu" in dv.run_parts])
+    return out
+
+
+def payload_cpu(visits: Iterable[DetectorVisit]) -> float:
+    """CPU seconds the pipelines' quanta used (``run.execute_cpu_s``), summed over ``visits``."""
+    return round(sum(dv.run_parts.get("execute_cpu", 0.0) for dv in visits), 4)
+
+
+def warm_stage_cpu(visits: Iterable[DetectorVisit], stages: Sequence[str] = ("prepare", "ingest", "run")
+                   ) -> dict[str, Any]:
+    """CPU seconds of ``stages`` per warm detector-visit (each detector's first visit left out):
+    the median and mean of their sum, and each stage's median; ``n`` the warm detector-visits."""
+    warm_visits = warm(dv for dv in visits if all(stage in dv.cpu for stage in stages))
+    if not warm_visits:
+        return {"n": 0, "median": None, "mean": None, "stages": {}}
+    sums = [sum(dv.cpu[stage] for stage in stages) for dv in warm_visits]
+    return {"n": len(warm_visits), "median": round(percentile(sums, 50), 4),
+            "mean": round(sum(sums) / len(sums), 4),
+            "stages": {stage: round(percentile([dv.cpu[stage] for dv in warm_visits], 50), 4) for stage in stages}}

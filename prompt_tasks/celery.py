@@ -9,21 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, current_app
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
+from prompt_tasks.context import drop_context, settings_of
+from prompt_tasks.fleet.brokers import TRANSPORT
+from prompt_tasks.fleet.schedule import schedule
+from prompt_tasks.logs import configure_logging
 from prompt_tasks.settings import Settings
 
 __all__ = ["TASK_MODULES", "app", "broker_transport_options", "celery_config", "create_app", "settings_of"]
 
 #: Modules whose tasks every process of the fleet registers.
-TASK_MODULES: list[str] = ["prompt_tasks.tasks", "prompt_tasks.operations", "prompt_tasks.calibration"]
+TASK_MODULES: list[str] = ["prompt_tasks.flow.tasks", "prompt_tasks.fleet.operations", "prompt_tasks.daytime.calibration"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``."""
-    import beat_schedule
-
     return {
         "broker_url": settings.broker,
         "result_backend": settings.backend,
@@ -40,21 +42,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # connection; the message comes back after the visibility timeout: stages are idempotent).
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
+        # a compute worker's pool process opens the central repo and loads its pipelines as it
+        # starts (prompt_tasks.flow.tasks): seconds on a loaded host, not the default's 4
+        "worker_proc_alive_timeout": 60.0,
         # a pool process grown past this (a leak, a huge visit) is replaced after its task
         "worker_max_memory_per_child": settings.max_memory_per_child_kb or None,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": broker_transport_options(settings),
-        # kombu's Redis transport, made to survive a Redis restart (see prompt_tasks.brokers)
+        # kombu's Redis transport, made to survive a Redis restart (see prompt_tasks.fleet.brokers)
         "broker_transport": _broker_transport(settings),
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "result_expires": 24 * 3600,
         "task_track_started": True,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # No task-sent event per message: announcing 189 detectors would publish 189 more
+        # messages (about 40 % of the router's cost); Flower sees tasks from their receipt.
+        "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "enable_utc": True,
-        "beat_schedule": beat_schedule.schedule(settings),
+        "beat_schedule": schedule(settings),
         "include": list(TASK_MODULES),
     }
 
@@ -85,8 +92,6 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 def _broker_transport(settings: Settings) -> str | None:
     """Our Redis transport for ``redis://`` brokers; None (the URL's own) for any other."""
     if settings.broker.startswith(("redis://", "rediss://")):
-        from prompt_tasks.brokers import TRANSPORT
-
         return TRANSPORT
     return None
 
@@ -102,43 +107,22 @@ def create_app(settings: Settings | None = None) -> Celery:
     return celery_app
 
 
-def settings_of(celery_app: Celery) -> Settings:
-    """The settings ``celery_app`` was built from (read from the environment once)."""
-    settings = getattr(celery_app, "prompt_settings", None)
-    if settings is None:
-        settings = Settings()
-        celery_app.prompt_settings = settings  # type: ignore[attr-defined]
-    return settings
-
-
 app = create_app()
 
 
 @worker_process_init.connect
 def _fresh_context_after_fork(**_: Any) -> None:
     """A forked pool child must not share its parent's sockets: drop the inherited context."""
-    from celery import current_app
-
-    from prompt_tasks.context import drop_context
-
     drop_context(current_app)
 
 
 @worker_process_shutdown.connect
 def _close_context(**_: Any) -> None:
-    from celery import current_app
-
-    from prompt_tasks.context import drop_context
-
     drop_context(current_app)
 
 
 @setup_logging.connect
 def _structured_logging(loglevel: str | int | None = None, **_: Any) -> None:
     """Replace Celery's log set-up with the project's structured logs."""
-    from celery import current_app
-
-    from prompt_tasks.logs import configure_logging
-
     settings = settings_of(current_app)
     configure_logging(loglevel or settings.log_level, json_format=settings.log_json)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from prompt_tasks.objstore import make_client
 from prompt_tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from minio import Minio
 
-__all__ = ["Context", "context_of", "drop_context"]
+__all__ = ["Context", "context_of", "drop_context", "settings_of"]
 
 
 @dataclass
@@ -46,7 +47,6 @@ class Context:
     @cached_property
     def s3(self) -> Minio:
         """S3 client of the raw bucket's server."""
-        from prompt_tasks.objstore import make_client
 
         return make_client(self.settings)
 
@@ -61,12 +61,19 @@ class Context:
         self.extras.clear()
 
 
+def settings_of(celery_app: Celery) -> Settings:
+    """The settings ``celery_app`` was built from (read from the environment once)."""
+    settings = getattr(celery_app, "prompt_settings", None)
+    if settings is None:
+        settings = Settings()
+        celery_app.prompt_settings = settings  # type: ignore[attr-defined]
+    return settings
+
+
 def context_of(celery_app: Celery) -> Context:
     """The context of this process for ``celery_app``, built on first use."""
     ctx = getattr(celery_app, "prompt_context", None)
     if ctx is None:
-        from prompt_tasks.celery import settings_of
-
         ctx = Context(settings_of(celery_app))
         celery_app.prompt_context = ctx  # type: ignore[attr-defined]
     return ctx

@@ -1,4 +1,4 @@
-"""The raw bucket: S3 client, bucket creation and its event notification.
+"""The raw bucket: S3 client, bucket creation, its event notification, and reading objects.
 
 The notification sends every object-created event of the raw bucket to the notification
 target ``settings.event_arn`` (MinIO's Redis target, which pushes to the ``bucketevents``
@@ -7,17 +7,35 @@ list). Setting it up is idempotent, so every start of the stack can call it.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 from minio.notificationconfig import NotificationConfig, QueueConfig
 
+from prompt_tasks.model.headers import HEADER_BYTES, fits_header, sidecar_from_bytes
 from prompt_tasks.settings import Settings
 
-__all__ = ["ensure_bucket", "health_live", "make_client", "wait_live"]
+__all__ = [
+    "configure_s3",
+    "ensure_bucket",
+    "ensure_plain_bucket",
+    "header_reader",
+    "health_live",
+    "make_client",
+    "object_checker",
+    "read_object",
+    "sidecar_reader",
+    "wait_live",
+]
+
+log = logging.getLogger(__name__)
 
 NOTIFICATION_ID = "prompt-tasks-raws"
 
@@ -90,3 +108,71 @@ def ensure_bucket(
                 time.sleep(0.2)
     else:
         client.delete_bucket_notification(bucket)
+
+
+def read_object(client: Minio, bucket: str, key: str, length: int | None = None) -> bytes | None:
+    """The bytes of an object (its first ``length`` bytes when given), or None when it cannot be read.
+
+    Missing, unreachable or refused reads as None, logged: callers decide what None means.
+    """
+    try:
+        response = client.get_object(bucket, key, offset=0, length=length or 0)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+    except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
+        missing = isinstance(exc, S3Error) and exc.code == "NoSuchKey"  # e.g. a sidecar not there yet
+        log.log(logging.DEBUG if missing else logging.WARNING, "%s/%s not readable: %s", bucket, key, exc)
+        return None
+
+
+def object_checker(client: Minio) -> Callable[[str, str], bool | None]:
+    """``(bucket, key) -> True | False | None``: the object exists, does not, or cannot tell."""
+
+    def exists(bucket: str, key: str) -> bool | None:
+        try:
+            client.stat_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"):
+                return False
+            log.warning("%s/%s not checked: %s", bucket, key, exc)
+            return None
+        except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
+            log.warning("%s/%s not checked: %s", bucket, key, exc)
+            return None
+        return True
+
+    return exists
+
+
+def sidecar_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] | None]:
+    """``(bucket, key) -> sidecar dict or None``: an image without one is parked until it comes."""
+    return lambda bucket, key: sidecar_from_bytes(read_object(client, bucket, key))
+
+
+def header_reader(client: Minio) -> Callable[[str, str], Mapping[str, Any] | None]:
+    """``(bucket, key) -> FITS primary header or None``, with one ranged GET."""
+    return lambda bucket, key: fits_header(read_object(client, bucket, key, HEADER_BYTES) or b"") or None
+
+
+def configure_s3(settings: Settings) -> None:
+    """Point lsst-resources' S3 client (``s3://`` URIs of Butler repos and raws) at our S3 server.
+
+    lsst-resources reads these variables when it makes a client, so every process that opens
+    a Butler repository calls this first (:class:`prompt_tasks.butler.localrepo.Repos` does).
+    """
+    os.environ["S3_ENDPOINT_URL"] = settings.s3_url
+    os.environ["AWS_ACCESS_KEY_ID"] = settings.s3_access_key.get_secret_value()
+    os.environ["AWS_SECRET_ACCESS_KEY"] = settings.s3_secret_key.get_secret_value()
+
+
+def ensure_plain_bucket(client: Minio, bucket: str) -> None:
+    """Create ``bucket`` if missing (no event notification: nothing there is a raw)."""
+    if not client.bucket_exists(bucket):
+        try:
+            client.make_bucket(bucket)
+        except S3Error as exc:  # made by another process meanwhile
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise

@@ -8,19 +8,32 @@ module of the package reads no environment.
 The defaults describe the embedded stack: everything on loopback, on ports chosen not to
 clash with services that commonly run on a machine (Redis 6379, PostgreSQL 5432, RabbitMQ
 5672, MinIO 9000, Flower 5555).
+
+The embedded stack's Redis password and S3 keys are generated into the state directory on
+its first ``stack up`` (:data:`STACK_SECRET_FILES`, mode 600); a secret not set explicitly is
+read from there when the file exists, so every process of that state directory (the roles,
+``celery -A prompt_tasks``, the CLI) finds them. An explicit setting always wins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "mask_url"]
+__all__ = ["STACK_SECRET_FILES", "Settings", "mask_url"]
+
+#: Secret setting → file in the state directory holding the embedded stack's generated value.
+STACK_SECRET_FILES: dict[str, str] = {
+    "redis_password": "redis-password",
+    "s3_access_key": "s3-access-key",
+    "s3_secret_key": "s3-secret-key",
+}
 
 
 def mask_url(url: str) -> str:
@@ -43,7 +56,7 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".state"), description="Pid files, logs and data of the embedded stack.")
     host: str = Field("127.0.0.1", description="Address every embedded server binds to.")
     redis_port: int = Field(16379, description="Port of the embedded Redis.")
-    redis_password: SecretStr | None = Field(None, description="Password of Redis (requirepass).")
+    redis_password: SecretStr | None = Field(None, description="Password of Redis (requirepass); embedded: generated into <state_dir>/redis-password on first `stack up`.")
     redis_aof: bool = Field(True, description="Append-only persistence of the embedded Redis.")
     s3_port: int = Field(19000, description="Port of the embedded S3 server (JuiceFS gateway).")
     flower_port: int = Field(15555, description="Port of Flower.")
@@ -74,19 +87,35 @@ class Settings(BaseSettings):
 
     # --- object store -------------------------------------------------------------------
     s3_endpoint: str | None = Field(None, description="S3 endpoint URL; default: the embedded server.")
-    s3_access_key: SecretStr = Field(SecretStr("prompt-tasks"), description="S3 access key.")
-    s3_secret_key: SecretStr = Field(SecretStr("prompt-tasks-secret"), description="S3 secret key.")
+    s3_access_key: SecretStr = Field(SecretStr("prompt-tasks"), description="S3 access key; embedded: generated into <state_dir>/s3-access-key on first `stack up`.")
+    s3_secret_key: SecretStr = Field(SecretStr("prompt-tasks-secret"), description="S3 secret key; embedded: generated into <state_dir>/s3-secret-key on first `stack up`.")
     raw_bucket: str = Field("raws", description="Bucket the camera writes raws into.")
     event_redis_url: str | None = Field(None, description="Redis holding the bucket-event list; default: embedded, db 0.")
     event_list: str = Field("bucketevents", description="Redis list MinIO pushes bucket events to.")
     event_arn: str = Field("arn:minio:sqs::1:redis", description="Notification target ARN of the bucket.")
 
     # --- Butler ---------------------------------------------------------------------------
-    central_repo: str | None = Field(None, description="Central Butler repo URI; default: <state_dir>/central.")
+    central_repo: str | None = Field(
+        None, description="Central Butler repo URI (a path, or s3://bucket/dir/ for a fleet); default: <state_dir>/central."
+    )
+    central_bucket: str = Field("central", description="Bucket of the central repo's datastore on the S3 server.")
+    central_datastore: str | None = Field(
+        None,
+        description="Datastore root of a central repo being created; default: s3://<central_bucket>/<repo>-<hash>/ "
+        "for a repo on disk, the repo's own directory for one on S3; 'inside' keeps it in the repo directory.",
+    )
     local_repo_root: Path | None = Field(None, description="Root of the per-detector local repos; default: <state_dir>/local.")
     apdb_url: str | None = Field(None, description="APDB database URL; default: SQLite under <state_dir>.")
+    apdb_config: str | None = Field(
+        None, description="APDB config file (a path or s3:// URI, the same for every host); default: <state_dir>/apdb-config.yaml."
+    )
     pipelines_config: Path | None = Field(None, description="Pipeline selection YAML; default: each instrument's own.")
     local_cache_bytes: int = Field(2 * 1024**3, description="Preloaded datasets kept per local repo (bytes, LRU).")
+    pipeline_nice: int = Field(
+        0, ge=0, le=19,
+        description="Nice value of the thread running a pipeline's quanta (e.g. 10: on a busy host the next "
+        "visit's prepare and ingest, and the servers, go first); 0: the same priority, in the task's thread.",
+    )
     preload_pad_deg: float = Field(30 / 3600, description="Margin around a detector's predicted footprint (deg).")
     export_dataset_types: list[str] | None = Field(
         None, description="Outputs written to the central repo; default: all but logs, metadata, configs."
@@ -101,7 +130,7 @@ class Settings(BaseSettings):
     # --- visits ---------------------------------------------------------------------------
     active_detectors: str = Field(
         "",
-        description="Active science detectors per instrument, e.g. 'SimCam=0-3,5;LSSTCam=0-188'; "
+        description="Active science detectors per instrument, e.g. 'MyCam=0-3,5;LSSTCam=0-188'; "
         "an instrument not named uses its plugin's list.",
     )
     ledger_ttl_s: int = Field(7 * 24 * 3600, description="How long visit ledgers are kept in Redis (s).")
@@ -119,6 +148,21 @@ class Settings(BaseSettings):
     cache_max_age_s: float = Field(7 * 24 * 3600.0, description="Preloaded datasets unused this long are dropped (s).")
     repo_idle_s: float = Field(3600.0, description="A local repo of a detector not owned here is deleted after this idle time (s).")
     fleet_metrics_interval_s: float = Field(30.0, description="Period of the queue-depth and worker-liveness job (s).")
+
+    @model_validator(mode="after")
+    def _stack_secrets(self) -> Settings:
+        """Secrets not set explicitly come from the stack's generated files, when present."""
+        for name, filename in STACK_SECRET_FILES.items():
+            if name in self.model_fields_set:
+                continue
+            path = self.state_path / filename
+            try:
+                value = path.read_text().strip()
+            except OSError:  # none generated (yet), or not ours to read
+                continue
+            if value:
+                self.__dict__[name] = SecretStr(value)  # frozen: set once, while validating
+        return self
 
     # --- derived values ---------------------------------------------------------------------
     def redis_url(self, db: int = 0) -> str:
@@ -145,6 +189,20 @@ class Settings(BaseSettings):
     def s3_url(self) -> str:
         """The effective S3 endpoint URL."""
         return self.s3_endpoint or f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def central_datastore_uri(self) -> str | None:
+        """Where a new central repo keeps its files (None: inside the repo's own directory).
+
+        Compute workers write outputs there and every host reads it, so by default it is on
+        the S3 server, in a directory of its own per repository.
+        """
+        if self.central_datastore == "inside" or self.central_repo_uri.startswith("s3://"):
+            return None
+        if self.central_datastore:
+            return self.central_datastore
+        digest = hashlib.sha256(self.central_repo_uri.encode()).hexdigest()[:8]
+        return f"s3://{self.central_bucket}/{Path(self.central_repo_uri).name}-{digest}/"
 
     @property
     def state_path(self) -> Path:

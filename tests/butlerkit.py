@@ -32,7 +32,7 @@ def world() -> Any:
 
 def build_central(base: Path, servers: Settings) -> Settings:
     """Settings whose central repo and APDB live under ``base`` (built once, then reused)."""
-    from prompt_tasks.central import init_central
+    from prompt_tasks.instruments.simcam.central import init_central
 
     settings = servers.model_copy(update={"state_dir": base})
     base.mkdir(parents=True, exist_ok=True)
@@ -83,16 +83,17 @@ def next_visit(spec: Any, **overrides: Any) -> dict[str, Any]:
 
 
 def put_raws(settings: Settings, spec: Any, detectors: Iterable[int],
-             replace: dict[tuple[int, int], bytes] | None = None) -> dict[tuple[int, int], str]:
-    """Simulate the raws of ``spec`` and PUT them in the raw bucket; their keys."""
+             replace: dict[tuple[int, int], bytes] | None = None, config: Any = None) -> dict[tuple[int, int], str]:
+    """Simulate the raws of ``spec`` (in ``config``, default the tiny world) and PUT them in the
+    raw bucket; their keys."""
     import io
 
     from prompt_tasks.instruments.simcam.raws import simulate_visit
-    from prompt_tasks.keys import format_key
+    from prompt_tasks.model.objectkeys import format_key
     from prompt_tasks.objstore import make_client
 
     client = make_client(settings)
-    raws = simulate_visit(world(), spec, list(detectors))
+    raws = simulate_visit(config or world(), spec, list(detectors))
     raws.update(replace or {})
     keys = {}
     for (det, snap), data in sorted(raws.items()):
@@ -104,7 +105,7 @@ def put_raws(settings: Settings, spec: Any, detectors: Iterable[int],
 
 def wait_status(spec: Any, detector: int, keys: dict[tuple[int, int], str]) -> dict[str, Any]:
     """A ``wait_for_snap`` status listing the snaps of ``detector`` (as the real one does)."""
-    from prompt_tasks.status import Outcome, StageStatus
+    from prompt_tasks.model.status import Outcome, StageStatus
 
     snaps = {str(snap): {"snap": snap, "key": key, "size": 0, "etag": "", "t": 0.0}
              for (det, snap), key in keys.items() if det == detector}

@@ -9,6 +9,7 @@ import pytest
 import redis
 from celery import Celery
 
+from prompt_tasks.objstore import configure_s3
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import redis_binary
 from tests.servers import celery_app_for, missing, private_servers, test_settings
@@ -25,6 +26,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         missing(str(exc))
     settings = test_settings(tmp_path_factory.mktemp("stack"))
     with private_servers(settings) as ready:
+        configure_s3(ready)  # this process reads central repos whose files are on these servers
         yield ready
 
 

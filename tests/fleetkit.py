@@ -6,24 +6,25 @@ children too, as a crashed host would) and stopped by the pids recorded here.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from prompt_tasks import ledger
-from prompt_tasks.keys import format_key
+from prompt_tasks.model.objectkeys import format_key
+from prompt_tasks.model.visit import NextVisit, tai_now
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
-from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit, tai_now
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import fault_key
 from workers import ROLES, celery_argv
 
 _groups = itertools.count()
@@ -96,12 +97,15 @@ class Fleet:
         self.settings = settings
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: Wraps every command line (e.g. to start it in a mount namespace of its own: a "host").
+        self.wrap: Callable[[list[str]], list[str]] | None = None
 
     def _spawn(self, name: str, argv: Sequence[str], env_overrides: dict[str, str] | None = None) -> None:
         env = child_env(self.settings)
         env.update(env_overrides or {})
         with open(self.log_dir / f"{name}.log", "ab") as out:
-            self.procs[name] = subprocess.Popen(list(argv), env=env, stdout=out, stderr=subprocess.STDOUT,
+            command = self.wrap(list(argv)) if self.wrap is not None else list(argv)
+            self.procs[name] = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                 start_new_session=True, cwd=self.log_dir)
 
     def detector(self, index: int, *extra: str, host: str | None = None, queues: Sequence[str] = (),
@@ -161,6 +165,16 @@ class Fleet:
     def logs(self) -> str:
         """Every log file written so far."""
         return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+
+
+@contextlib.contextmanager
+def fleet_of(settings: Settings, log_dir: Path) -> Iterator[Fleet]:
+    """A :class:`Fleet` whose processes are all stopped when the block ends."""
+    started = Fleet(settings, log_dir)
+    try:
+        yield started
+    finally:
+        started.stop_all()
 
 
 def node_alive(app: Any, prefix: str, n: int = 1, timeout: float = 1.0) -> bool:

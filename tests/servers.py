@@ -58,7 +58,7 @@ def postgres_schema(prefix: str) -> Iterator[tuple[str, str]]:
 
     import sqlalchemy
 
-    from prompt_tasks.central import database_url
+    from prompt_tasks.instruments.simcam.central import database_url
 
     raw = os.environ.get("PROMPT_TASKS_TEST_POSTGRES_URL")
     if not raw:

@@ -40,11 +40,13 @@ class SmallCentral:
         return self.settings.central_repo_uri
 
 
-def build_small_central(state_dir: Path, config: SimConfig | None = None, **settings_values: Any) -> SmallCentral:
-    """Build a small SimCam central repository (SQLite) and APDB under ``state_dir``."""
-    from prompt_tasks.central import init_central
+def build_small_central(servers: Settings, state_dir: Path, config: SimConfig | None = None,
+                        **settings_values: Any) -> SmallCentral:
+    """Build a small SimCam central repository (SQLite registry, datastore on the servers' S3)
+    and APDB under ``state_dir``."""
+    from prompt_tasks.instruments.simcam.central import init_central
 
-    settings = Settings(state_dir=state_dir, **settings_values)
+    settings = servers.model_copy(update={"state_dir": state_dir, **settings_values})
     config = config or small_config()
     init_central(settings, config=config)
     return SmallCentral(settings, config)
@@ -57,6 +59,7 @@ def simcam_config() -> SimConfig:
 
 
 @pytest.fixture(scope="session")
-def simcam_central(tmp_path_factory: pytest.TempPathFactory, simcam_config: SimConfig) -> SmallCentral:
+def simcam_central(tmp_path_factory: pytest.TempPathFactory, servers: Settings,
+                   simcam_config: SimConfig) -> SmallCentral:
     """A small central repository built once per session (read-only for tests)."""
-    return build_small_central(tmp_path_factory.mktemp("simcam-central"), simcam_config)
+    return build_small_central(servers, tmp_path_factory.mktemp("simcam-central"), simcam_config)

@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prompt_tasks.affinity import (
+from prompt_tasks.fleet.affinity import (
     assignment_by_worker,
     bounds,
     moves,
@@ -136,8 +136,8 @@ def test_rebalance_settles_in_one_round(n_queues: int, before: set[str], after: 
 
 
 def test_configured_active_detectors_are_the_balanced_queues() -> None:
-    from prompt_tasks.affinity import rebalance
-    from prompt_tasks.controller import configured_queues
+    from prompt_tasks.fleet.affinity import rebalance
+    from prompt_tasks.fleet.controller import configured_queues
     from prompt_tasks.settings import Settings
 
     queues = configured_queues(Settings(active_detectors="SimCam=3-4"), ["SimCam"])

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import redis
 
-from prompt_tasks.arrivals import (
+from prompt_tasks.model.objectkeys import SnapKey
+from prompt_tasks.store.arrivals import (
     abort_visit,
     arrivals_for,
-    arrivals_key,
-    end_key,
     is_aborted,
     is_ended,
     record_arrival,
@@ -16,9 +15,8 @@ from prompt_tasks.arrivals import (
     signal_end,
     unregister_waiter,
     visit_announced,
-    wake_key,
 )
-from prompt_tasks.keys import SnapKey
+from prompt_tasks.store.keys import arrivals_key, visit_end_key, wake_key
 
 GROUP = "2026-11-24T01:00:00.000"
 
@@ -48,7 +46,7 @@ def test_end_and_abort_wake_registered_waiters(rdb: redis.Redis) -> None:
     register_waiter(rdb, "SimCam", GROUP, 5)
     assert not is_ended(rdb, "SimCam", GROUP)
     assert signal_end(rdb, "SimCam", GROUP) == 2
-    assert is_ended(rdb, "SimCam", GROUP) and rdb.ttl(end_key("SimCam", GROUP)) > 0
+    assert is_ended(rdb, "SimCam", GROUP) and rdb.ttl(visit_end_key("SimCam", GROUP)) > 0
     assert rdb.blpop([wake_key("SimCam", GROUP, 3)], timeout=1) is not None
     unregister_waiter(rdb, "SimCam", GROUP, 5)
     assert is_aborted(rdb, "SimCam", GROUP) is None

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from prompt_tasks.butler_stages import export_pending, ingest, prepare, run
+from prompt_tasks.butler.export import ExportMessage, enqueue
+from prompt_tasks.butler.localrepo import repos_of
+from prompt_tasks.butler.stages import export_pending, ingest, prepare, run
 from prompt_tasks.context import Context
-from prompt_tasks.export import EXPORT_LIST, ExportRequest, enqueue
-from prompt_tasks.localrepo import repos_of
 from prompt_tasks.settings import Settings
+from prompt_tasks.store.keys import EXPORT_REQUESTS
 from tests.butlerkit import (
     EPOCH1_START,
     NIGHT_START,
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture(scope="module")
 def pg_central(servers: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A central repo whose registry is in a fresh PostgreSQL schema (APDB on SQLite)."""
-    from prompt_tasks.central import init_central
+    from prompt_tasks.instruments.simcam.central import init_central
 
     with postgres_schema("butler") as (url, schema):
         settings = servers.model_copy(update={"state_dir": tmp_path_factory.mktemp("pg-central")})
@@ -78,7 +79,7 @@ def test_export_to_postgresql_is_batched_and_idempotent(ctx: Context) -> None:
         assert prepare(ctx, next_visit(spec), det).ok
         status = ingest(ctx, next_visit(spec), det, wait_status(spec, det, keys))
         assert run(ctx, next_visit(spec), det, status.to_dict()).ok
-    requests = [ExportRequest.from_json(x) for x in ctx.redis.lrange(EXPORT_LIST, 0, -1)]
+    requests = [ExportMessage.from_json(x) for x in ctx.redis.lrange(EXPORT_REQUESTS, 0, -1)]
     result = export_pending(ctx, lambda delay: None, force=True)
     assert result["batches"] == 1 and result["requests"] == 2
     central = repos_of(ctx).central

@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 import redis
 
-from prompt_tasks.calibration import (
-    calib_key,
+from prompt_tasks.context import Context
+from prompt_tasks.daytime.calibration import (
     calib_visit,
     process_calib,
     read_result,
     result_field,
     verdict_summary,
 )
-from prompt_tasks.context import Context
+from prompt_tasks.model.status import Outcome
 from prompt_tasks.settings import Settings
-from prompt_tasks.status import Outcome
+from prompt_tasks.store.keys import calib_route_key
 from tests.butlerkit import NIGHT_START, central_fixture, visit_spec, worker_settings, world
 
 DETECTOR = 1
@@ -81,8 +81,8 @@ def test_calib_visit_is_selected_for_verification() -> None:
     from astropy.time import Time
     from lsst.daf.butler import Timespan
 
-    from prompt_tasks.butler_stages import default_selection_path
-    from prompt_tasks.selection import load_selection, select
+    from prompt_tasks.butler.selection import load_selection, select
+    from prompt_tasks.butler.stages import default_selection_path
 
     begin = Time(NIGHT_START, format="unix_tai", scale="tai")
     exposure = {"physical_filter": "SimCam-g", "timespan": Timespan(begin, begin + 1 * u.s)}
@@ -98,7 +98,7 @@ def test_verdict_summary_keeps_the_verdict_and_numbers() -> None:
                                "table": [1, 2]})
     assert summary == {"passed": False, "failures": ["noise"], "type": "bias", "noise": 5.123457}
     assert verdict_summary(None) is None
-    assert result_field(4, 1) == "4:1:result" and calib_key("SimCam", "g") == "calib-route:SimCam:g"
+    assert result_field(4, 1) == "4:1:result" and calib_route_key("SimCam", "g") == "calib-route:SimCam:g"
 
 
 # --------------------------------------------------------------------------- the plain function
@@ -107,9 +107,9 @@ def test_verdict_summary_keeps_the_verdict_and_numbers() -> None:
 def test_bias_and_flat_are_ingested_verified_recorded_and_exported(ctx: Context, rdb: redis.Redis) -> None:
     from lsst.daf.butler import Butler
 
-    from prompt_tasks.butler_stages import export_pending
-    from prompt_tasks.export import pending
-    from prompt_tasks.localrepo import repos_of
+    from prompt_tasks.butler.export import pending
+    from prompt_tasks.butler.localrepo import repos_of
+    from prompt_tasks.butler.stages import export_pending
 
     bias_group, bias_key = _put_calib(ctx.settings, "BIAS", CALIB_START)
     flat_group, flat_key = _put_calib(ctx.settings, "FLAT", CALIB_START + 60.0)
@@ -198,7 +198,7 @@ def test_bias_put_with_no_visit_is_verified_by_a_worker(route_settings: Settings
 
     from prompt_tasks.celery import create_app
     from prompt_tasks.context import drop_context
-    from prompt_tasks.dispatcher import CALIB_QUEUE, dispatcher_for
+    from prompt_tasks.flow.dispatcher import CALIB_QUEUE, dispatcher_for
 
     app = create_app(route_settings)
     ctx = Context(route_settings)
@@ -212,14 +212,15 @@ def test_bias_put_with_no_visit_is_verified_by_a_worker(route_settings: Settings
             group, _ = _put_calib(route_settings, "BIAS", CALIB_START + 300.0)
             deadline = time.monotonic() + 120
             result = None
-            while result is None and time.monotonic() < deadline:
+            # the body records the result, then the task records it again naming its worker
+            while (result is None or "worker" not in result.data) and time.monotonic() < deadline:
                 result = read_result(rdb, "SimCam", group, DETECTOR, 0)
                 time.sleep(0.2)
-        assert result is not None, rdb.hgetall(calib_key("SimCam", group))
+        assert result is not None, rdb.hgetall(calib_route_key("SimCam", group))
         assert result.outcome is Outcome.OK, result.reason
         assert result.data["verdict"]["passed"] is True
         assert result.data["worker"] == "compute-1@calib"
-        route = rdb.hgetall(calib_key("SimCam", group))
+        route = rdb.hgetall(calib_route_key("SimCam", group))
         assert set(route) == {f"{DETECTOR}:0", result_field(DETECTOR, 0)}  # the dispatcher's note and ours
     finally:
         stop.set()
@@ -232,7 +233,7 @@ def test_bias_put_with_no_visit_is_verified_by_a_worker(route_settings: Settings
 def test_noop_payload_only_records(settings: Settings, rdb: redis.Redis) -> None:
     from prompt_tasks.celery import create_app
     from prompt_tasks.context import drop_context
-    from prompt_tasks.dispatcher import CALIB_TASK
+    from prompt_tasks.flow.dispatcher import CALIB_TASK
 
     app = create_app(settings.model_copy(update={"payload": "noop"}))
     try:

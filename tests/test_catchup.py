@@ -10,14 +10,15 @@ import redis
 from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner
 
-from prompt_tasks import catchup, ledger
-from prompt_tasks.catchup import CatchupRecord, in_window, plan_runs
 from prompt_tasks.cli import main
 from prompt_tasks.context import Context
-from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.daytime import catchup
+from prompt_tasks.daytime.catchup import CatchupRecord, in_window, plan_runs
+from prompt_tasks.flow.router import announce, detector_queue
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
-from prompt_tasks.stage import fault_key
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import CATCHUP_PENDING, fault_key
 from tests.fleetkit import make_visit, put_raw, summary_of, wait_until
 
 INSTRUMENT = "SimCam"
@@ -73,14 +74,14 @@ def test_record_is_durable_and_settles(rdb: redis.Redis) -> None:
     assert catchup.record_failures(rdb, None, summary) == 1
     rec = catchup.read_record(rdb, INSTRUMENT, "g", 2)
     assert rec is not None and rec.state == "pending" and rec.raw_prefix == "SimCam/2/g/"
-    assert rdb.zscore(catchup.PENDING_KEY, rec.key) is not None
+    assert rdb.zscore(CATCHUP_PENDING, rec.key) is not None
     rec.attempts, rec.state = 1, "queued"
     catchup._save(rdb, rec)
     assert catchup.record_failures(rdb, None, summary) == 0  # a queued redo settles it itself
     failed = catchup.finish_attempt(rdb, {"outcome": "failed", "stage": "run", "reason": "again", "code": "x"},
                                     INSTRUMENT, "g", 2, max_attempts=1)
     assert failed is not None and failed.state == "abandoned" and failed.reason == "again"
-    assert rdb.zscore(catchup.PENDING_KEY, rec.key) is None
+    assert rdb.zscore(CATCHUP_PENDING, rec.key) is None
     assert [r.state for r in catchup.list_records(rdb)] == ["abandoned"]
 
 
@@ -140,7 +141,7 @@ def test_beat_job_acts_only_in_its_window_and_never_with_visits_in_flight(settin
 def test_a_detector_that_finished_after_its_deadline_is_settled_not_redone(settings: Settings,
                                                                           rdb: redis.Redis) -> None:
     from prompt_tasks.celery import create_app
-    from prompt_tasks.status import Outcome, StageStatus
+    from prompt_tasks.model.status import Outcome, StageStatus
 
     visit = make_visit(INSTRUMENT)
     ledger.create_visit(rdb, visit, [1], 600, deadline=time.time())

@@ -10,7 +10,7 @@ from astropy.time import Time
 from click.testing import CliRunner
 from lsst.daf.butler import Butler, CollectionType
 
-from prompt_tasks.central import (
+from prompt_tasks.instruments.simcam.central import (
     CALIB_COLLECTION,
     DEFAULTS_COLLECTION,
     CentralMismatch,
@@ -96,10 +96,11 @@ def test_another_world_is_refused(simcam_central: SmallCentral) -> None:
         init_central(simcam_central.settings, config=small_config(n_detectors=3))
 
 
-def test_cli_init_twice(tmp_path: Path) -> None:
+def test_cli_init_twice(tmp_path: Path, servers: Settings) -> None:
     from prompt_tasks.cli import main
+    from prompt_tasks.stack.env import settings_env
 
-    env = {"PROMPT_TASKS_STATE_DIR": str(tmp_path)}
+    env = {**settings_env(servers), "PROMPT_TASKS_STATE_DIR": str(tmp_path)}
     runner = CliRunner()
     args = ["central", "init", "--detectors", "1", "--size", "64", "--bands", "r", "--field-radius", "0.002"]
     first = runner.invoke(main, args, env=env)
@@ -120,9 +121,9 @@ def postgres_url() -> Iterator[tuple[str, str]]:
 
 
 @pytest.mark.postgres
-def test_central_on_postgresql_twice(tmp_path: Path, postgres_url: tuple[str, str]) -> None:
+def test_central_on_postgresql_twice(tmp_path: Path, servers: Settings, postgres_url: tuple[str, str]) -> None:
     url, schema = postgres_url
-    settings = Settings(state_dir=tmp_path, apdb_url=url)
+    settings = servers.model_copy(update={"state_dir": tmp_path, "apdb_url": url})
     config = small_config(n_detectors=1, bands=("g", "r"))
     first = init_central(settings, config=config, registry_db=url, registry_namespace=schema,
                          apdb_namespace=f"{schema}_apdb")

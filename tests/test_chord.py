@@ -18,12 +18,12 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from prompt_tasks import ledger
-from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.flow.router import announce, detector_queue
+from prompt_tasks.model.visit import NextVisit, tai_now
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import redis_binary
-from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit, tai_now
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import fault_key
 from tests.servers import celery_app_for, missing, private_servers
 from tests.servers import test_settings as private_settings
 
@@ -83,8 +83,8 @@ def _visit(**extra: object) -> NextVisit:
 
 def _snaps_arrived(visit: NextVisit) -> None:
     """Index the visit's raws as arrived, so the real wait stage finds them at once."""
-    from prompt_tasks.arrivals import record_arrival
-    from prompt_tasks.keys import SnapKey, format_key
+    from prompt_tasks.model.objectkeys import SnapKey, format_key
+    from prompt_tasks.store.arrivals import record_arrival
 
     client = redis.Redis.from_url(_events_redis[0])
     try:
@@ -194,7 +194,8 @@ def test_failed_status_and_jitter() -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
     from prompt_tasks.errors import BadRaw
-    from prompt_tasks.stage import POLICIES, failed_status, jittered
+    from prompt_tasks.flow.policy import POLICIES, jittered
+    from prompt_tasks.flow.stage import failed_status
 
     soft = failed_status("run", "X", "g", 3, SoftTimeLimitExceeded())
     assert (soft.outcome.value, soft.code, soft.stage, soft.detector) == ("failed", "time_limit", "run", 3)
@@ -209,7 +210,7 @@ def test_failed_status_and_jitter() -> None:
 
 def test_check_fault_modes(rdb: redis.Redis) -> None:
     from prompt_tasks.errors import PermanentError, RetryLater
-    from prompt_tasks.stage import check_fault
+    from prompt_tasks.flow.stage import check_fault
 
     group = "fault-modes"
     check_fault(rdb, INSTRUMENT, group, 1, "run")  # no key: nothing happens

@@ -1,7 +1,8 @@
 """docker-compose.yml checked against the project's own settings, roles and commands.
 
 No Docker engine runs here, so the file is loaded as YAML, its ``${VAR:-default}`` references
-are resolved from their defaults, and every service is compared with what the code expects.
+are resolved from their defaults (the secrets, ``${VAR:?message}``, as from a filled ``.env``),
+and every service is compared with what the code expects.
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ COMPOSE = ROOT / "docker-compose.yml"
 MINIO_IMAGE = "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
 #: Ports commonly taken on a machine: the stack's published ports must avoid them.
 COMMON_PORTS = {6379, 5432, 5672, 9000, 5555, 8080, 15672}
-_VAR = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::?-(?P<default>[^}]*))?\}")
+_VAR = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
+
+
+def _value(match: re.Match[str]) -> str:
+    """A required ``${VAR:?message}`` as a filled-in ``.env`` would give it, else the default."""
+    if (match.group("op") or "").endswith("?"):
+        return f"env-{match.group('name').lower().replace('_', '-')}"
+    return match.group("default") or ""
 
 
 def _interpolate(value: Any) -> Any:
-    """Resolve ``${VAR:-default}`` like compose would with no ``.env`` (``$$`` is a ``$``)."""
+    """Resolve ``${VAR:-default}`` like compose would with no ``.env``, and ``${VAR:?message}``
+    (a secret, required) as if ``.env`` set it (``$$`` is a ``$``)."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: m.group("default") or "", value).replace("$$", "$")
+        return _VAR.sub(_value, value).replace("$$", "$")
     if isinstance(value, list):
         return [_interpolate(v) for v in value]
     if isinstance(value, dict):

@@ -6,17 +6,18 @@ import time
 
 import redis
 
-from prompt_tasks import ledger
-from prompt_tasks.demo_night import NIGHT_FILTERS, NIGHT_VISITS, visit_rows
+from prompt_tasks.demo.night import NIGHT_FILTERS, NIGHT_VISITS, _quality_cells, night_quality, visit_rows
+from prompt_tasks.instruments.simcam.recovery import Recovery
+from prompt_tasks.model.status import Outcome, StageStatus
+from prompt_tasks.model.visit import NextVisit
 from prompt_tasks.settings import Settings
-from prompt_tasks.status import Outcome, StageStatus
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.store import ledger
 from tests.butlerkit import NIGHT_START, next_visit, visit_spec
 
 
 class _Planned:
-    def __init__(self, spec: object) -> None:
-        self.spec = spec
+    def __init__(self, spec: object, index: int = 0) -> None:
+        self.spec, self.index = spec, index
 
 
 def test_rows_from_the_ledger(settings: Settings, rdb: redis.Redis) -> None:
@@ -48,6 +49,20 @@ def test_rows_from_the_ledger(settings: Settings, rdb: redis.Redis) -> None:
     assert row["stage_times"]["prepare"]["median_s"] == 1.5
     assert row["reasons"] == {"s3://x: truncated": 1}
     assert row["filter"] == "SimCam-r" and row["day_obs"] == spec.day_obs
+    assert row["recovery"] is None and _quality_cells(row) == ("-", "-")
+
+    [row] = visit_rows(settings, [_Planned(spec)], [0, 1, 2], {0: Recovery(injected=10, found=9, false=5)})
+    assert row["recovery"] == Recovery(10, 9, 5)
+    assert _quality_cells(row) == ("9/10", "2.5")  # false DIA sources per ok detector-visit
+
+
+def test_night_quality_sums_the_scored_visits() -> None:
+    rows = [{"ok": 2, "recovery": Recovery(10, 9, 5)}, {"ok": 3, "recovery": Recovery(30, 27, 1)},
+            {"ok": 3, "recovery": None}]
+    line = night_quality(rows)
+    assert "36 of 40 injected transients found (completeness 90%)" in line
+    assert "1.2 false DIA sources per detector-visit (6 in 5)" in line
+    assert "not scored" in night_quality([{"ok": 1, "recovery": None}])
 
 
 def test_the_night_has_several_filters() -> None:

@@ -15,21 +15,21 @@ import pytest
 import redis
 from celery import Celery
 
-from prompt_tasks.arrivals import arrivals_for
 from prompt_tasks.context import Context
-from prompt_tasks.dispatcher import (
+from prompt_tasks.flow.dispatcher import (
     CALIB_QUEUE,
     CALIB_TASK,
-    COUNTERS_KEY,
     Dispatcher,
     counters,
     dispatcher_for,
     known_instruments,
     use_plugin_schemes,
 )
-from prompt_tasks.keys import format_key
+from prompt_tasks.model.objectkeys import format_key
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import start_redis, wait_redis
+from prompt_tasks.store.arrivals import arrivals_for
+from prompt_tasks.store.keys import DISPATCHER_COUNTERS
 from tests.servers import test_settings as private_settings
 from tests.test_headers import fits_bytes
 
@@ -83,6 +83,7 @@ def test_put_is_indexed_through_real_notifications(ctx: Context, dispatcher: Dis
 def test_unusable_records_are_counted_and_skipped(ctx: Context, dispatcher: Dispatcher) -> None:
     group = _group()
     good = format_key("SimCam", 1, group, 0)
+    ctx.redis.hset(f"visit:SimCam:{group}", "state", "announced")  # indexed unread
     bodies = [
         b"{not json", b"\xff", b"[]", json.dumps({"what": 1}),
         _body("Nobody/1/g/0/raw.fits"),
@@ -157,6 +158,7 @@ def test_calibration_without_visit_starts_the_calib_route(
 
 def test_unfinished_bodies_are_recovered(ctx: Context, dispatcher: Dispatcher) -> None:
     group = _group()
+    ctx.redis.hset(f"visit:SimCam:{group}", "state", "announced")
     ctx.redis.rpush(dispatcher.processing_list, _body(format_key("SimCam", 7, group, 0)))
     assert dispatcher.step(block_s=0.5)
     assert list(arrivals_for(ctx.redis, "SimCam", group, 7)) == [0]
@@ -165,7 +167,7 @@ def test_unfinished_bodies_are_recovered(ctx: Context, dispatcher: Dispatcher) -
 def test_burst_of_10000_is_drained_without_loss(ctx: Context, dispatcher: Dispatcher) -> None:
     group = _group()
     ctx.redis.hset(f"visit:SimCam:{group}", "state", "announced")  # the raws of an announced visit
-    bodies = [_body(f"SimCam/{d}/{group}/{s}/raw.fits") for d in range(100) for s in range(100)]
+    bodies = [_body(f"SimCam/{d}/{group}/{s}/raw.fits") for d in range(8) for s in range(1250)]
     pipe = ctx.redis.pipeline(transaction=False)
     for start in range(0, len(bodies), 1000):
         pipe.rpush(ctx.settings.event_list, *bodies[start:start + 1000])
@@ -183,7 +185,7 @@ def test_burst_of_10000_is_drained_without_loss(ctx: Context, dispatcher: Dispat
     assert not thread.is_alive()
     assert counters(ctx.redis)["ok"] == len(bodies)
     assert ctx.redis.llen(ctx.settings.event_list) == 0
-    assert sum(len(arrivals_for(ctx.redis, "SimCam", group, d)) for d in range(100)) == len(bodies)
+    assert sum(len(arrivals_for(ctx.redis, "SimCam", group, d)) for d in range(8)) == len(bodies)
 
 
 def test_dispatcher_survives_a_redis_restart(tmp_path: Path) -> None:
@@ -198,7 +200,7 @@ def test_dispatcher_survives_a_redis_restart(tmp_path: Path) -> None:
     thread.start()
     try:
         client.rpush(own.event_list, _body("SimCam/1/g1/0/raw.fits"))
-        _wait_for(lambda: client.hget(COUNTERS_KEY, "ok") == b"1")
+        _wait_for(lambda: client.hget(DISPATCHER_COUNTERS, "ok") == b"1")
         proc.stop()
         time.sleep(0.5)
         proc = start_redis(own, tmp_path / "redis", run_dir)
@@ -244,9 +246,9 @@ def test_dispatcher_command_runs_until_sigterm(settings: Settings, ctx: Context)
     )
     try:
         group = _group()
-        key = format_key("SimCam", 12, group, 0)
+        key = format_key("SimCam", 6, group, 0)
         _put(ctx, key)
-        _wait_for(lambda: bool(arrivals_for(ctx.redis, "SimCam", group, 12)), timeout=60)
+        _wait_for(lambda: bool(arrivals_for(ctx.redis, "SimCam", group, 6)), timeout=60)
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=20)
@@ -263,3 +265,61 @@ def test_calibration_known_from_the_fits_header(ctx: Context, dispatcher: Dispat
         assert dispatcher.step(block_s=10)
     (task,) = _queued_tasks(settings, CALIB_QUEUE)
     assert task["kwargs"]["key"] == dark and task["kwargs"]["calib_type"] == "dark"
+
+
+# --- hardening: forged, foreign and hostile events (issue 17) -----------------------------
+
+
+def test_forged_and_foreign_events_are_counted_never_indexed(
+    ctx: Context, dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another bucket, a detector the camera does not have, an object that is not there."""
+    group = _group()
+    real = format_key("SimCam", 3, group, 0)
+    _put(ctx, real)
+    assert dispatcher.step(block_s=10)  # the real PUT's own event
+    bodies = [
+        _body(format_key("SimCam", 2, group, 0), bucket="elsewhere"),
+        _body(format_key("SimCam", 99999, group, 0)),
+        _body(format_key("SimCam", 99998, group, 0)),
+        _body(format_key("SimCam", 5, group, 0)),  # no such object, no announced visit
+    ]
+    ctx.redis.rpush(ctx.settings.event_list, *bodies)
+    with caplog.at_level("INFO", logger="prompt_tasks.flow.dispatcher"):
+        while dispatcher.step(block_s=0.1):
+            pass
+    got = counters(ctx.redis)
+    assert (got["wrong_bucket"], got["unknown_detector"], got["missing_object"]) == (1, 2, 1)
+    assert got["ok"] == 1
+    for det in (2, 5, 99998, 99999):
+        assert arrivals_for(ctx.redis, "SimCam", group, det) == {}
+    assert list(arrivals_for(ctx.redis, "SimCam", group, 3)) == [0]
+    detector_logs = [r for r in caplog.records if "unknown_detector" in r.getMessage()]
+    assert len(detector_logs) == 1  # once per reason (rate limited), not once per event
+
+
+def test_raw_of_an_announced_visit_is_indexed_before_it_is_read(ctx: Context, dispatcher: Dispatcher) -> None:
+    """The fast path: no read for an announced visit; a missing object fails at ingest instead."""
+    group = _group()
+    ctx.redis.hset(f"visit:SimCam:{group}", "state", "announced")
+    ctx.redis.rpush(ctx.settings.event_list, _body(format_key("SimCam", 5, group, 0)))
+    assert dispatcher.step(block_s=1)
+    assert list(arrivals_for(ctx.redis, "SimCam", group, 5)) == [0]
+
+
+@pytest.mark.parametrize("body", [
+    "[" * 100_000 + "]" * 100_000,
+    '{"Records": ' * 100_000 + "1" + "}" * 100_000,
+    "[" * 500 + "]" * 500,
+    _body("SimCam/1/2026-11-24T01:00:00.000/0/raw.fits").replace('"eventName"', '"pad": "%s", "eventName"' % ("x" * 3_000_000)),
+], ids=["deep-list", "deep-object", "nested-lists", "huge"])
+def test_deep_or_huge_bodies_are_malformed_without_traceback(
+    ctx: Context, dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture, body: str
+) -> None:
+    ctx.redis.rpush(ctx.settings.event_list, body)
+    with caplog.at_level("INFO"):
+        assert dispatcher.step(block_s=1)
+    got = counters(ctx.redis)
+    assert (got["malformed"], got["error"]) == (1, 0)
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")]
+    assert all(len(r.getMessage()) < 1000 for r in caplog.records)  # no body dump

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prompt_tasks.errors import InvalidEvent
-from prompt_tasks.events import ObjectEvent, parse_body
+from prompt_tasks.model.events import ObjectEvent, parse_body
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "s3-events"
 #: The key every sample was made with, and its bucket per sample.

@@ -1,30 +1,28 @@
-"""Batched export to a real central repo: few transactions, idempotent, bad requests set aside."""
+"""Export to a real central repo: compute side writes the files, one writer registers them in batches.
+
+The central repo's datastore is on the session's S3 server (the default). The writer is run
+after the compute side's local repos are deleted: it opens no local repo and reads no compute
+host's disk. Few transactions, idempotent, unusable messages parked with their reason.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from prompt_tasks.butler_stages import ingest, prepare, run
+from prompt_tasks.butler.export import ExportMessage, ExportWriteError, enqueue, is_exported, pending, stage_outputs
+from prompt_tasks.butler.localrepo import repos_of
+from prompt_tasks.butler.stages import central_datastore, ingest, prepare, run
+from prompt_tasks.butler.writer import decide_flush, drain
 from prompt_tasks.context import Context
-from prompt_tasks.export import (
-    EXPORT_FAILED,
-    EXPORT_LIST,
-    EXPORT_SCHEDULED,
-    ExportRequest,
-    decide_flush,
-    drain,
-    enqueue,
-    is_exported,
-    pending,
-)
-from prompt_tasks.localrepo import repos_of
 from prompt_tasks.settings import Settings
+from prompt_tasks.store.keys import EXPORT_FAILED, EXPORT_REQUESTS, EXPORT_SCHEDULED
 from tests.butlerkit import (
     NIGHT_START,
     central_fixture,
@@ -119,94 +117,154 @@ def test_flush_decision() -> None:
     assert decide_flush(3, 1.0, 10, 5.0, False) == pytest.approx(4.0)
 
 
+def _messages(ctx: Context) -> list[ExportMessage]:
+    return [ExportMessage.from_json(item) for item in ctx.redis.lrange(EXPORT_REQUESTS, 0, -1)]
+
+
+def _forget_local_repos(ctx: Context) -> None:
+    """Close and delete every local repo: the writer must not need them."""
+    repos = repos_of(ctx)
+    for instrument, detector, _path in repos.existing():
+        repos.purge(instrument, detector)
+        shutil.rmtree(repos.template_of(instrument), ignore_errors=True)  # the repo they were copied from
+    assert not any(Path(ctx.settings.local_repo_path).rglob("butler.yaml"))
+
+
 def test_many_detector_visits_few_transactions_and_rerun_changes_nothing(ctx: Context) -> None:
     groups = [_process(ctx, NIGHT_START + 3000 + 60 * i) for i in range(2)]
     assert pending(ctx.redis) == len(groups) * len(DETECTORS)
-    requests = [ExportRequest.from_json(item) for item in ctx.redis.lrange(EXPORT_LIST, 0, -1)]
+    messages = _messages(ctx)
     central = repos_of(ctx).central
-    before = _central_state(central, requests[0].run)
+    root = central_datastore(central)
+    assert str(root).startswith("s3://")  # the default central datastore is on the S3 server
+    assert all(str(root) == m.datastore_root and m.files for m in messages)
+    assert all(root.join(f.path).exists() for m in messages for f in m.files)  # written by the compute side
+    run_name = messages[0].run
+    before = _central_state(central, run_name)
+    _forget_local_repos(ctx)
     scheduled: list[float] = []
     # young partial batch: waits, and schedules one delayed flush
-    waited = drain(ctx, central, _open_local, scheduled.append)
+    waited = drain(ctx, central, scheduled.append)
     assert waited.batches == 0 and waited.flush_in is not None and len(scheduled) == 1
-    assert drain(ctx, central, _open_local, scheduled.append).batches == 0 and len(scheduled) == 1
+    assert drain(ctx, central, scheduled.append).batches == 0 and len(scheduled) == 1
     ctx.redis.delete(EXPORT_SCHEDULED)
 
     with central_commits(ctx.settings) as commits:
-        result = drain(ctx, central, _open_local, scheduled.append, force=True)
+        result = drain(ctx, central, scheduled.append, force=True)
     assert result.batches == 1 and result.requests == 6 and pending(ctx.redis) == 0
     assert 1 <= len(commits) <= 3, commits  # one batch: a handful of transactions, not one per detector-visit
     central.registry.refresh()
-    after = _central_state(central, requests[0].run)
+    after = _central_state(central, run_name)
     assert after[0] - before[0] == 6  # one raw per detector-visit
     assert after[1] - before[1] == 6  # one raw_summary per detector-visit
     assert after[2] - before[2] == 2 * 1  # one exposure per visit, shared by the detectors
     assert all(is_exported(ctx.redis, "SimCam", g, d) for g in groups for d in DETECTORS)
     regions = {(r.visit, r.detector) for r in central.query_dimension_records(
         "visit_detector_region", instrument="SimCam", explain=False)}
-    assert {(req.visit, req.detector) for req in requests} <= regions
+    sent = {(r["record"]["visit"], r["record"]["detector"]) for m in messages for r in m.records["visit_detector_region"]}
+    assert len(sent) == 6 and sent <= regions
+    ref = central.query_datasets("raw_summary", collections=run_name, explain=False)[0]
+    assert central.get(ref) is not None and str(central.getURI(ref)).startswith(str(root))
 
-    # a retried export (the same requests again) adds nothing
-    for request in requests:
-        enqueue(ctx.redis, request)
-    again = drain(ctx, central, _open_local, scheduled.append, force=True)
+    # a message applied twice registers once
+    for message in messages:
+        enqueue(ctx.redis, message)
+    again = drain(ctx, central, scheduled.append, force=True)
     assert again.batches == 1 and again.requests == 6
     central.registry.refresh()
-    assert _central_state(central, requests[0].run) == after
+    assert _central_state(central, run_name) == after
 
 
 def test_batches_are_bounded_by_count(ctx: Context) -> None:
     _process(ctx, NIGHT_START + 4000)
     small = Context(ctx.settings.model_copy(update={"export_batch": 2}))
     try:
-        result = drain(small, repos_of(ctx).central, _open_local, lambda delay: None)
-        # 3 requests, batch 2: one full batch at once; the last one waits for its age
+        result = drain(small, repos_of(ctx).central, lambda delay: None)
+        # 3 messages, batch 2: one full batch at once; the last one waits for its age
         assert result.batches == 1 and result.requests == 2 and pending(ctx.redis) == 1
-        final = drain(small, repos_of(ctx).central, _open_local, lambda delay: None, force=True)
+        final = drain(small, repos_of(ctx).central, lambda delay: None, force=True)
         assert final.batches == 1 and pending(ctx.redis) == 0
     finally:
         small.close()
 
 
-def test_unusable_request_is_set_aside_and_the_rest_exported(ctx: Context, tmp_path: Path) -> None:
+def test_unusable_messages_are_parked_with_their_reason_and_the_rest_registered(ctx: Context) -> None:
     _process(ctx, NIGHT_START + 5000)
-    gone = ExportRequest("SimCam", "2026-11-24T09:00:00.000", 0, 1, str(tmp_path / "no-such-repo"), "x/run",
-                         outputs=[], raws=[])
-    enqueue(ctx.redis, gone)
-    result = drain(ctx, repos_of(ctx).central, _open_local, lambda delay: None, force=True)
-    assert result.requests == 3 and result.dropped == 1
-    assert [ExportRequest.from_json(x).local_repo for x in ctx.redis.lrange(EXPORT_FAILED, 0, -1)] == [gone.local_repo]
+    central = repos_of(ctx).central
+    messages = _messages(ctx)
+    lost = messages[0]
+    central_datastore(central).join(lost.files[0].path).remove()  # its file never made it
+    ctx.redis.rpush(EXPORT_REQUESTS, "{not json", json.dumps({"hello": "world"}), json.dumps([1, 2]))
+    result = drain(ctx, central, lambda delay: None, force=True)
+    assert result.requests == 2 and result.dropped == 4 and pending(ctx.redis) == 0
+    parked = [json.loads(x) for x in ctx.redis.lrange(EXPORT_FAILED, 0, -1)]
+    reasons = [p["reason"] for p in parked]
+    assert sum(r.startswith("unreadable") for r in reasons) == 3
+    assert any("missing" in r and lost.files[0].path in r for r in reasons)
+    assert not is_exported(ctx.redis, "SimCam", lost.group, lost.detector)
+    assert all(is_exported(ctx.redis, "SimCam", m.group, m.detector) for m in messages[1:])
 
 
-def _open_local(path: str):
-    from lsst.daf.butler import Butler
+def test_an_object_store_write_that_keeps_failing_fails_with_its_reason(ctx: Context) -> None:
+    from lsst.resources import ResourcePath
 
-    if not Path(path, "butler.yaml").exists():
-        raise FileNotFoundError(path)
-    return Butler.from_config(path)
+    _process(ctx, NIGHT_START + 5500)
+    message = _messages(ctx)[0]
+    local = repos_of(ctx).local("SimCam", message.detector)
+    outputs = [f.ref["id"] for f in message.files]
+    with pytest.raises(ExportWriteError, match="failed 4 times"):
+        stage_outputs(local, ResourcePath("s3://no-such-bucket/central/", forceDirectory=True),
+                      instrument="SimCam", group=message.group, detector=message.detector, visit=1,
+                      run=message.run, outputs=outputs, raws=[], dataset_types=None)
 
 
-def test_a_failed_export_is_retried_without_rerunning_the_pipeline(ctx: Context) -> None:
-    from prompt_tasks.butler_stages import export_pending
+def test_a_failed_batch_is_retried_without_rerunning_the_pipeline(ctx: Context) -> None:
+    import sqlalchemy
+
+    from prompt_tasks.butler.stages import export_pending
     from prompt_tasks.errors import RetryLater
 
-    start = NIGHT_START + 3 * 86400  # a night of its own: its output directory is not there yet
-    _process(ctx, start)
-    requests = [ExportRequest.from_json(x) for x in ctx.redis.lrange(EXPORT_LIST, 0, -1)]
-    day_dir = Path(ctx.settings.central_repo_uri) / requests[0].run.rsplit("/", 2)[0]
-    assert not day_dir.exists()
-    day_dir.parent.mkdir(parents=True, exist_ok=True)
-    day_dir.write_text("a file where the datastore wants a directory: every copy fails")
+    _process(ctx, NIGHT_START + 3 * 86400)
+    messages = _messages(ctx)
+    central = repos_of(ctx).central
+    engine = sqlalchemy.create_engine(f"sqlite:///{Path(ctx.settings.central_repo_uri) / 'gen3.sqlite3'}")
+    with engine.begin() as conn:  # every new dataset fails as a broken database would (OperationalError)
+        conn.execute(sqlalchemy.text(
+            "CREATE TRIGGER refuse_datasets BEFORE INSERT ON dataset BEGIN SELECT * FROM gone_table; END"))
     try:
         with pytest.raises(RetryLater, match="export failed, will retry"):
             export_pending(ctx, lambda delay: None, force=True)
         assert pending(ctx.redis) == 3  # nothing lost, nothing half-written
-        central = repos_of(ctx).central
         central.registry.refresh()
-        assert _count(central, "raw_summary", requests[0].run) == 0
+        assert _count(central, "raw_summary", messages[0].run) == 0
     finally:
-        day_dir.unlink()
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("DROP TRIGGER refuse_datasets"))
+        engine.dispose()
+    _forget_local_repos(ctx)  # the retry needs no pipeline, nor any local repo
     result = export_pending(ctx, lambda delay: None, force=True)
     assert result["requests"] == 3 and pending(ctx.redis) == 0
     central.registry.refresh()
-    assert _count(central, "raw_summary", requests[0].run) == 3
+    assert _count(central, "raw_summary", messages[0].run) == 3
+
+
+def test_a_message_the_registry_refuses_is_parked_and_its_batch_still_registered(ctx: Context) -> None:
+    import uuid
+
+    _process(ctx, NIGHT_START + 6000)
+    central = repos_of(ctx).central
+    first, *others = _messages(ctx)
+    ctx.redis.delete(EXPORT_REQUESTS)
+    enqueue(ctx.redis, first)
+    assert drain(ctx, central, lambda delay: None, force=True).requests == 1
+    # the same data ids under other dataset ids: a conflict no retry can resolve
+    clash = ExportMessage.from_json(first.to_json())
+    for staged in clash.files:
+        staged.ref["id"] = str(uuid.uuid4())
+    for message in (clash, *others):
+        enqueue(ctx.redis, message)
+    result = drain(ctx, central, lambda delay: None, force=True)
+    assert result.requests == len(others) and result.dropped == 1 and pending(ctx.redis) == 0
+    (parked,) = [json.loads(x) for x in ctx.redis.lrange(EXPORT_FAILED, 0, -1)]
+    assert parked["reason"].startswith("refused by the registry") and clash.files[0].ref["id"] in parked["message"]
+    assert all(is_exported(ctx.redis, "SimCam", m.group, m.detector) for m in others)

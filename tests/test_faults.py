@@ -4,7 +4,7 @@ Each test gets its own Redis (append-only, with a password) and S3 gateway, sinc
 restart them, and real worker processes (the project's ``detector`` role command line, an
 auxiliary worker on ``wait``/``summary``/``default``, the ``prompt-tasks dispatcher``), all
 started here and stopped by their pids. The stages' Butler payload is ``noop`` (the Butler work
-is not what is under test); faults are injected with :func:`prompt_tasks.stage.fault_key`.
+is not what is under test); faults are injected with :func:`prompt_tasks.flow.stage.fault_key`.
 Redelivery after a crash is made quick with a short visibility timeout and restore sweep.
 Waits are bounded generously; nothing asserts a duration.
 
@@ -33,19 +33,21 @@ import pytest
 import redis
 from celery import Celery
 
-from prompt_tasks import catchup, ledger
-from prompt_tasks.arrivals import abort_visit, arrivals_for, record_arrival
 from prompt_tasks.context import Context
-from prompt_tasks.controller import QueueController
-from prompt_tasks.keys import SnapKey
-from prompt_tasks.metrics import read_counters
+from prompt_tasks.daytime import catchup
+from prompt_tasks.fleet.controller import QueueController
+from prompt_tasks.fleet.roles import ROLES
+from prompt_tasks.flow.router import announce, detector_queue
+from prompt_tasks.model.objectkeys import SnapKey
+from prompt_tasks.model.visit import NextVisit
 from prompt_tasks.objstore import ensure_bucket, make_client, wait_live
-from prompt_tasks.router import announce, detector_queue
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.process import ManagedProcess
 from prompt_tasks.stack.servers import redis_binary, start_redis, start_s3, wait_redis
-from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.store import ledger
+from prompt_tasks.store.arrivals import abort_visit, arrivals_for, record_arrival
+from prompt_tasks.store.keys import AFFINITY_STATE, fault_key
+from prompt_tasks.store.metrics import read_counters
 from tests.fleetkit import (
     Fleet,
     make_visit,
@@ -216,9 +218,12 @@ def test_pool_child_killed_and_memory_limit(stack: Stack) -> None:
     announce(stack.app, stack.settings, visit, detectors=DETECTORS)
     wait_until(lambda: _stamped(stack, visit, 0, "run.start"), 60, "detector 0 running")
     worker = psutil.Process(stack.fleet.pid("detector-1"))
+    # the light slot's child may be between its memory-limit exit and its replacement right now;
+    # detector 0's pipeline runs in one of the children there are, so all of them are killed
     children = worker.children()
-    assert len(children) == 1
-    children[0].kill()  # as the out-of-memory killer would
+    assert 1 <= len(children) <= ROLES["detector"].concurrency, children
+    for child in children:
+        child.kill()  # as the out-of-memory killer would (one of them runs detector 0's pipeline)
     summary = _summary(stack, visit)
     assert summary["counts"]["ok"] == 2, summary
     assert _counter(stack.rdb, "redeliveries", "stage=run") >= 1
@@ -244,7 +249,6 @@ def _post(stack: Stack, visit: NextVisit, detector: int) -> bool:
 
 
 def test_redis_restart_mid_night(stack: Stack) -> None:
-    from prompt_tasks.controller import STATE_KEY
 
     stack.settings = stack.settings.model_copy(update={"deadline_margin_s": 20.0})
     stack.fleet.settings = stack.settings
@@ -274,7 +278,7 @@ def test_redis_restart_mid_night(stack: Stack) -> None:
     put_raw(stack.settings, after, 0)
     assert _summary(stack, after, 120)["counts"]["ok"] == 1
     # the queue controller in the intake carried on too
-    wait_until(lambda: float(stack.rdb.hget(STATE_KEY, "checked") or 0) > restarted, 30, "controller ticking")
+    wait_until(lambda: float(stack.rdb.hget(AFFINITY_STATE, "checked") or 0) > restarted, 30, "controller ticking")
     for det, visit in zip(DETECTORS, before, strict=True):
         summary = _summary(stack, visit, 120)
         entry = summary["detectors"][str(det)]

@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from prompt_tasks import catchup, ledger
-from prompt_tasks.controller import QueueController
-from prompt_tasks.export import is_exported
-from prompt_tasks.metrics import read_counters
-from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.butler.export import is_exported
+from prompt_tasks.daytime import catchup
+from prompt_tasks.fleet.controller import QueueController
+from prompt_tasks.flow.router import announce, detector_queue
+from prompt_tasks.model.visit import NextVisit
 from prompt_tasks.settings import Settings
-from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import fault_key
+from prompt_tasks.store.metrics import read_counters
 from tests.butlerkit import central_fixture, next_visit, put_raws, visit_spec
-from tests.fleetkit import Fleet, node_alive, summary_of, wait_until
+from tests.fleetkit import Fleet, fleet_of, node_alive, summary_of, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +52,8 @@ def fleet_settings(settings: Settings, central: Settings, tmp_path: Path) -> Set
 
 @pytest.fixture
 def fleet(fleet_settings: Settings, tmp_path: Path) -> Iterator[Fleet]:
-    started = Fleet(fleet_settings, tmp_path)
-    try:
+    with fleet_of(fleet_settings, tmp_path) as started:
         yield started
-    finally:
-        started.stop_all()
 
 
 def test_worker_killed_mid_run_is_redone_with_one_set_of_outputs(fleet: Fleet, fleet_settings: Settings,

@@ -8,15 +8,13 @@ import uuid
 import numpy as np
 from astropy.io import fits
 
-from prompt_tasks.headers import (
+from prompt_tasks.model.headers import (
     calib_type_of,
     fits_header,
-    s3_header_reader,
-    s3_sidecar_reader,
     should_start_calib,
 )
-from prompt_tasks.keys import SnapKey
-from prompt_tasks.objstore import make_client
+from prompt_tasks.model.objectkeys import SnapKey
+from prompt_tasks.objstore import header_reader, make_client, sidecar_reader
 from prompt_tasks.settings import Settings
 
 
@@ -56,7 +54,7 @@ def test_readers_on_the_real_bucket(settings: Settings) -> None:
     for key, data in ((f"{stem}/raw.fits", fits_bytes("BIAS")), (f"{stem}/ok.json", b'{"GROUPID": "g"}'),
                       (f"{stem}/bad.json", b"[1, 2"), (f"{stem}/list.json", b"[1, 2]")):
         client.put_object(bucket, key, io.BytesIO(data), len(data))
-    read_header, read_sidecar = s3_header_reader(client), s3_sidecar_reader(client)
+    read_header, read_sidecar = header_reader(client), sidecar_reader(client)
     assert read_header(bucket, f"{stem}/raw.fits")["IMGTYPE"] == "BIAS"  # type: ignore[index]
     assert read_header(bucket, f"{stem}/missing.fits") is None
     assert read_header(bucket, f"{stem}/ok.json") is None  # not FITS

@@ -22,12 +22,16 @@ import pytest
 import redis
 from celery import Celery
 
-from prompt_tasks import catchup, housekeeping, ledger
-from prompt_tasks.cache import CacheEntry
+from prompt_tasks.butler.cache import CacheEntry
 from prompt_tasks.context import Context
-from prompt_tasks.controller import ASSIGNMENT_KEY, QueueController
-from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.daytime import catchup
+from prompt_tasks.fleet import housekeeping
+from prompt_tasks.fleet.controller import QueueController
+from prompt_tasks.fleet.gauges import fleet_gauges
+from prompt_tasks.flow.router import announce, detector_queue
 from prompt_tasks.settings import Settings
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import AFFINITY_ASSIGNMENT, VISITS_RECENT, visit_key
 from tests.fleetkit import Fleet, make_visit, node_alive, summary_of, wait_until
 
 INSTRUMENT = "SimCam"
@@ -71,8 +75,8 @@ def test_expiry_sweep(settings: Settings, rdb: redis.Redis) -> None:
     fresh, gone = make_visit(INSTRUMENT), make_visit(INSTRUMENT)
     for visit in (fresh, gone):
         ledger.create_visit(rdb, visit, [0], 600, deadline=time.time() + 60)
-    rdb.delete(ledger.visit_key(INSTRUMENT, gone.groupId))  # expired record, index entry left
-    rdb.zadd(ledger.RECENT, {"SimCam/ancient": time.time() - settings.ledger_ttl_s - 10})
+    rdb.delete(visit_key(INSTRUMENT, gone.groupId))  # expired record, index entry left
+    rdb.zadd(VISITS_RECENT, {"SimCam/ancient": time.time() - settings.ledger_ttl_s - 10})
     rdb.hset(f"arrivals:SimCam:{fresh.groupId}:0", "0", "{}")  # an index key without a TTL
     done = catchup.CatchupRecord(INSTRUMENT, "old", 1, "run", "failed", "r", "x",
                                  time.time() - settings.ledger_ttl_s - 10, state="done",
@@ -130,8 +134,8 @@ def test_two_hosts_share_the_detectors_and_keep_only_their_repos(
         owner = {q: w for w, qs in by_worker.items() for q in qs}
 
         visit = make_visit(INSTRUMENT)
-        from prompt_tasks.arrivals import record_arrival
-        from prompt_tasks.keys import SnapKey, format_key
+        from prompt_tasks.model.objectkeys import SnapKey, format_key
+        from prompt_tasks.store.arrivals import record_arrival
 
         for det in DETECTORS:
             record_arrival(rdb, SnapKey(INSTRUMENT, det, visit.groupId, 0, "raw.fits"),
@@ -160,13 +164,13 @@ def test_two_hosts_share_the_detectors_and_keep_only_their_repos(
                 assert left == sorted(mine), (node, left)
                 assert sorted(reply["deleted"]) == sorted(f"{INSTRUMENT}/{d}" for d in DETECTORS if d not in mine)
 
-            gauges = housekeeping.fleet_gauges(app, ctx)
+            gauges = fleet_gauges(app, ctx)
             assert {"aux@faults"} | set(by_worker) <= set(gauges["alive"])
             assert set(QUEUES) <= set(gauges["queues"]) and gauges["queues"]["summary"] == 0
         finally:
             ctx.close()
 
-        from prompt_tasks.exporter import MetricsServer
+        from prompt_tasks.fleet.prometheus import MetricsServer
 
         server = MetricsServer(app, settings).start()
         try:
@@ -184,13 +188,13 @@ def test_two_hosts_share_the_detectors_and_keep_only_their_repos(
 
 
 def housekeeping_assignment(rdb: redis.Redis) -> dict[str, list[str]]:
-    return {str(w): json.loads(qs) for w, qs in rdb.hgetall(ASSIGNMENT_KEY).items()}
+    return {str(w): json.loads(qs) for w, qs in rdb.hgetall(AFFINITY_ASSIGNMENT).items()}
 
 
 def test_beat_schedule_names_registered_tasks_on_a_worker_queue(settings: Settings) -> None:
     import beat_schedule
-    import prompt_tasks.operations
-    import prompt_tasks.tasks  # noqa: F401
+    import prompt_tasks.fleet.operations
+    import prompt_tasks.flow.tasks  # noqa: F401
     from prompt_tasks.celery import create_app
 
     app = create_app(settings)
@@ -209,7 +213,7 @@ def test_beat_schedule_names_registered_tasks_on_a_worker_queue(settings: Settin
 
 @pytest.mark.slow
 def test_the_intake_process_serves_metrics(settings: Settings, rdb: redis.Redis, tmp_path: Path) -> None:
-    from prompt_tasks.metrics import count, observe
+    from prompt_tasks.store.metrics import count, observe
 
     observe(rdb, "stage", 0.4, stage="ingest")
     count(rdb, "failures", stage="run", code="pipeline_error")
@@ -247,9 +251,9 @@ def test_stale_cached_datasets_leave_a_real_local_repo(central: Settings, settin
 
     from lsst.daf.butler import Butler
 
-    from prompt_tasks.butler_stages import prepare
-    from prompt_tasks.cache import CacheIndex
-    from prompt_tasks.localrepo import repos_of
+    from prompt_tasks.butler.cache import CacheIndex
+    from prompt_tasks.butler.localrepo import repos_of
+    from prompt_tasks.butler.stages import prepare
     from tests.butlerkit import NIGHT_START, next_visit, visit_spec, worker_settings
 
     worker = worker_settings(central, tmp_path / "local", cache_max_age_s=600.0, repo_idle_s=60.0)

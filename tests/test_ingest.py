@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from prompt_tasks.butler_stages import ingest
+from prompt_tasks.butler.ingest import REMEMBERED_RECORDS, VisitExpectation, check_header
+from prompt_tasks.butler.localrepo import repos_of
+from prompt_tasks.butler.stages import ingest
 from prompt_tasks.context import Context
 from prompt_tasks.errors import BadRaw
-from prompt_tasks.ingest import VisitExpectation, check_header
-from prompt_tasks.localrepo import repos_of
 from prompt_tasks.settings import Settings
 from tests.butlerkit import (
     NIGHT_START,
@@ -62,6 +62,14 @@ def test_two_snaps_ingested_with_visit_records_and_twice_is_a_no_op(ctx: Context
     again = ingest(ctx, next_visit(spec), 1, wait_status(spec, 1, keys))
     assert again.ok and again.data["raws"] == status.data["raws"]
     assert len(_raws(ctx, 1)) == 2
+    # the instrument, the raw dataset type and its run were set up once for this worker's repo,
+    # and each dimension record inserted once: the second snap and the rerun inserted nothing new
+    known = repos_of(ctx).known("SimCam", 1)
+    assert set(known) == {"instrument:SimCam", f"run:{status.data['raw_run']}:raw", "records"}
+    remembered = len(known["records"])
+    assert 0 < remembered <= REMEMBERED_RECORDS
+    again = ingest(ctx, next_visit(spec), 1, wait_status(spec, 1, keys))
+    assert again.ok and len(known["records"]) == remembered
 
 
 def test_truncated_raw_fails_and_leaves_the_repo_usable(ctx: Context) -> None:

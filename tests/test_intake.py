@@ -24,8 +24,6 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from prompt_tasks import ledger
-from prompt_tasks.arrivals import is_aborted
 from prompt_tasks.errors import (
     BadRaw,
     InvalidEvent,
@@ -45,9 +43,12 @@ from prompt_tasks.intake.errors import (
     http_error,
 )
 from prompt_tasks.intake.http import create_api
+from prompt_tasks.model.visit import tai_now
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
-from prompt_tasks.visit import tai_now
+from prompt_tasks.store import ledger
+from prompt_tasks.store.arrivals import is_aborted
+from prompt_tasks.store.keys import VISITS_RECENT
 
 GROUP = "2026-11-24T01:00:00.000"
 TOKEN = "t0ken-never-logged-8c1f"
@@ -88,7 +89,7 @@ def queued(client: redis.Redis) -> dict[str, int]:
 
 def visits_in_ledger(client: redis.Redis) -> int:
     """How many visits the ledger indexes."""
-    return client.zcard(ledger.RECENT)
+    return client.zcard(VISITS_RECENT)
 
 
 @pytest.fixture
@@ -172,10 +173,11 @@ def test_fan_out_form_over_http_starts_just_that_detector(api: TestClient, rdb: 
 
 
 def test_duplicate_starts_one_visit(api: TestClient, rdb: redis.Redis) -> None:
-    first = api.post("/next-visit", json=visit_body())
+    body = visit_body()
+    first = api.post("/next-visit", json=body)
     assert first.status_code == 202
     before = queued(rdb)
-    second = api.post("/next-visit", json=visit_body(nimages=2))
+    second = api.post("/next-visit", json={**body, "private_sndStamp": body["private_sndStamp"] + 1})
     assert second.status_code == 200, second.text
     assert second.json()["duplicate"] is True
     assert second.json()["key"] == first.json()["key"]
@@ -405,9 +407,11 @@ def test_outcome_description() -> None:
     assert text == "rejected (422 invalid_visit): groupId: Field required"
 
 
-def _events_file(tmp_path: Path) -> Path:
+def _events_file(tmp_path: Path, group: str = GROUP) -> Path:
     path = tmp_path / "events.jsonl"
-    lines = [json.dumps(visit_body()), json.dumps(visit_body(nimages=3)), json.dumps(visit_body("bad group"))]
+    body = visit_body(group)
+    lines = [json.dumps(body), json.dumps(body), json.dumps(visit_body("bad group")),
+             json.dumps({**body, "nimages": 3})]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -421,6 +425,7 @@ def test_cli_next_visit_direct(settings: Settings, rdb: redis.Redis, tmp_path: P
     assert lines[0].startswith(f"#1 SimCam/{GROUP} new")
     assert lines[1].startswith(f"#2 SimCam/{GROUP} duplicate")
     assert lines[2].startswith("#3 rejected (422 invalid_visit): groupId:")
+    assert lines[3].startswith("#4 rejected (409 conflicting_visit): nimages:")
     assert visits_in_ledger(rdb) == 1
 
 
@@ -468,8 +473,9 @@ def test_intake_process(settings: Settings, rdb: redis.Redis, tmp_path: Path) ->
     try:
         _wait_healthy(url, proc)
         with IntakeClient(url, TOKEN) as client:
-            assert client.next_visit(json.dumps(visit_body())).status == 202
-            assert client.next_visit(json.dumps(visit_body())).duplicate
+            body = json.dumps(visit_body())
+            assert client.next_visit(body).status == 202
+            assert client.next_visit(body).duplicate
             assert client.next_visit("{}").status == 422
             assert client.visit("SimCam", GROUP).status == 200
         with IntakeClient(url) as anonymous:
@@ -477,7 +483,7 @@ def test_intake_process(settings: Settings, rdb: redis.Redis, tmp_path: Path) ->
 
         # The CLI through HTTP, with the token from the settings.
         runner = CliRunner(env=env)
-        result = runner.invoke(main, ["next-visit", str(_events_file(tmp_path))])
+        result = runner.invoke(main, ["next-visit", str(_events_file(tmp_path, "2026-11-24T02:00:00.000"))])
         assert result.exit_code == 1
         assert "duplicate" in result.output and "rejected (422" in result.output
         result = runner.invoke(main, ["abort", "SimCam", GROUP, "--reason", "test"])
@@ -537,3 +543,57 @@ def test_cli_without_an_intake_says_so(settings: Settings, tmp_path: Path) -> No
     assert result.exit_code == 1 and "intake unreachable" in result.output
     result = runner.invoke(main, ["abort", "SimCam", GROUP, "--url", url])
     assert result.exit_code == 1 and "intake unreachable" in result.output
+
+
+# --- rejections leave a trace (issue 17) -------------------------------------------------
+
+
+def test_duplicate_with_another_body_is_409_naming_what_differs(api: TestClient, rdb: redis.Redis) -> None:
+    body = visit_body()
+    assert api.post("/next-visit", json=body).status_code == 202
+    before = queued(rdb)
+    other = api.post("/next-visit", json={**body, "nimages": 2, "filters": "g"})
+    assert other.status_code == 409, other.text
+    assert other.json()["code"] == "conflicting_visit"
+    assert sorted(e["field"] for e in other.json()["errors"]) == ["filters", "nimages"]
+    assert queued(rdb) == before and visits_in_ledger(rdb) == 1
+
+
+@pytest.mark.parametrize("field", ["filters", "survey", "groupId"])
+def test_control_characters_are_refused_in_every_string_field(api: TestClient, field: str) -> None:
+    response = api.post("/next-visit", json=visit_body(**{field: "r\x1b[31m\x00"}))
+    assert response.status_code == 422, response.text
+    assert [e["field"] for e in response.json()["errors"]] == [field]
+
+
+def test_every_rejection_is_logged_and_counted(
+    settings: Settings, celery_app: Celery, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prompt_tasks.fleet.prometheus import registry_for
+    from prompt_tasks.store.metrics import read_counters
+
+    locked = settings.model_copy(update={"intake_token": SecretStr(TOKEN), "intake_max_body": 4096})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    secret_marker = "SECRET-BODY-7f3a"
+    with caplog.at_level("INFO", logger="prompt_tasks.intake"), TestClient(create_api(locked, celery_app)) as client:
+        assert client.post("/next-visit", json=visit_body()).status_code == 401
+        assert client.post("/next-visit", json=visit_body(nimages=-1, survey=secret_marker),
+                           headers=auth).status_code == 422
+        assert client.post("/next-visit", content=b"{" + b" " * 5000, headers=auth).status_code == 413
+        body = visit_body()
+        assert client.post("/next-visit", json=body, headers=auth).status_code == 202
+        assert client.post("/next-visit", json={**body, "duration": 31.0}, headers=auth).status_code == 409
+        ctx = client.app.state.context  # type: ignore[attr-defined]
+        scraped = {m.name: m for m in registry_for(celery_app, ctx).collect()}
+    counted = read_counters(rdb, "intake_rejections")
+    assert counted == {"reason=unauthorized": 1, "reason=invalid_visit": 1, "reason=body_too_large": 1,
+                       "reason=conflicting_visit": 1}
+    family = scraped["prompt_tasks_intake_rejections"]
+    assert {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")} == {
+        "unauthorized": 1, "invalid_visit": 1, "body_too_large": 1, "conflicting_visit": 1}
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(rejected) == 4, rejected
+    assert all("testclient" in line for line in rejected)  # the client's address
+    assert any("field nimages" in line for line in rejected)
+    assert any("field duration" in line for line in rejected)
+    assert not any(secret_marker in r.getMessage() or TOKEN in r.getMessage() for r in caplog.records)

@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 
 from prompt_tasks.errors import InvalidVisit
 from prompt_tasks.intake.http import create_api
-from prompt_tasks.intake.stream import STREAM_PREFIX, parse_message
+from prompt_tasks.intake.stream import parse_message
+from prompt_tasks.model.visit import NextVisit, parse_next_visit
 from prompt_tasks.settings import Settings
-from prompt_tasks.visit import NextVisit, parse_next_visit
+from prompt_tasks.store.keys import STREAM_PREFIX
 from tests.test_intake import queued, visit_body, visits_in_ledger
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prompt_tasks.errors import InvalidEvent
-from prompt_tasks.keys import (
+from prompt_tasks.model.objectkeys import (
     DEFAULT_SCHEME,
     Dmtn219Scheme,
     KeyScheme,
@@ -81,7 +81,7 @@ def test_default_and_registered_schemes() -> None:
         assert parse_key(key) == SnapKey("FlatCam", 3, "g1", 2, "3-2.fits")
         assert "FlatCam" in registered_schemes()
     finally:
-        from prompt_tasks import keys
+        from prompt_tasks.model import objectkeys as keys
 
         keys._SCHEMES.pop("FlatCam")
 

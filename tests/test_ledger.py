@@ -7,10 +7,11 @@ import time
 
 import redis
 
-from prompt_tasks import ledger
+from prompt_tasks.model.status import Outcome, StageStatus
+from prompt_tasks.model.visit import NextVisit
 from prompt_tasks.settings import Settings
-from prompt_tasks.status import Outcome, StageStatus
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import visit_key
 
 TTL = 600
 
@@ -77,7 +78,7 @@ def test_build_summary_from_ledger_marks_unfinished_as_deadline_failures() -> No
     assert summary["counts"]["ok"] == 1 and summary["counts"]["failed"] == 1
     assert summary["counts"]["timed_out"] == 1
     assert summary["detectors"]["4"]["reason"] == ledger.DEADLINE_REASON
-    assert summary["detectors"]["4"]["stage"] == "prepare done"
+    assert summary["detectors"]["4"]["stage"] == "prepare"  # where it stopped: stage and progress agree
     assert summary["stage_times"]["prepare"]["n"] == 2
     assert summary["elapsed_s"] == 30.0 and summary["after_expected_end_s"] == -5.0
 
@@ -98,7 +99,7 @@ def test_create_is_idempotent_and_indexed(rdb: redis.Redis, settings: Settings) 
     visit = _visit()
     assert ledger.create_visit(rdb, visit, [2, 1, 0], TTL, deadline=200.0, received=time.time())
     assert not ledger.create_visit(rdb, visit, [0], TTL, deadline=200.0)
-    key = ledger.visit_key("SimCam", visit.groupId)
+    key = visit_key("SimCam", visit.groupId)
     assert key == "visit:SimCam:2026-11-24T01:00:00.000"
     assert 0 < rdb.ttl(key) <= TTL
     record = ledger.read_visit(rdb, "SimCam", visit.groupId)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from prompt_tasks.butler.localrepo import EXTRAS_KEY, Repos, repos_of
 from prompt_tasks.context import Context
-from prompt_tasks.localrepo import EXTRAS_KEY, Repos, repos_of
 from prompt_tasks.settings import Settings
 from tests.butlerkit import central_fixture, worker_settings
 
@@ -32,6 +32,22 @@ def test_one_repo_per_detector_with_the_central_universe(central: Settings, tmp_
         assert repos.local("SimCam", 7) is local  # kept open
         assert repos.is_open("SimCam", 7) and not repos.is_open("SimCam", 8)
         assert [(i, d) for i, d, _ in repos.existing()] == [("SimCam", 7)]
+    finally:
+        repos.close()
+
+
+def test_each_detector_repo_is_a_copy_of_one_template_and_its_own(central: Settings, tmp_path: Path) -> None:
+    repos = Repos(worker_settings(central, tmp_path / "local"))
+    try:
+        first, second = repos.local("SimCam", 1), repos.local("SimCam", 2)
+        template = repos.template_of("SimCam")
+        assert template == tmp_path / "local" / "SimCam" / "template" and (template / "butler.yaml").exists()
+        first.registry.registerRun("only/in/one")
+        assert list(second.collections.query("only/*")) == []  # a copy, not a shared database
+        for local in (first, second):
+            assert [r.id for r in local.query_dimension_records("detector", explain=False)] == [
+                r.id for r in repos.central.query_dimension_records("detector", explain=False)]
+        assert [(i, d) for i, d, _ in repos.existing()] == [("SimCam", 1), ("SimCam", 2)]  # the template is none
     finally:
         repos.close()
 
@@ -87,3 +103,22 @@ def test_kept_in_the_process_context(central: Settings, tmp_path: Path) -> None:
     repos.local("SimCam", 0)
     ctx.close()  # closes the repos with the context
     assert not repos.is_open("SimCam", 0)
+
+
+def test_a_pool_process_is_warmed_before_its_first_visit(central: Settings, tmp_path: Path) -> None:
+    from prompt_tasks.butler.stages import candidates_for, warm_process
+    from prompt_tasks.model.visit import NextVisit
+
+    ctx = Context(worker_settings(central, tmp_path / "local"))
+    try:
+        # SimCam's own selection: every pipeline it may choose, loaded and resolved
+        assert set(warm_process(ctx)) >= {"ApPipe", "SingleFrame", "Trivial"}
+        cache = ctx.extras["pipelines"]
+        loaded = dict(cache._loaded)
+        assert all(p.graph is not None for p in loaded.values())
+        visit = NextVisit.model_validate({"instrument": "SimCam", "groupId": "2026-11-24T01:00:00.000",
+                                          "startTime": 1.8e9, "nimages": 1, "survey": "SIMSURVEY"})
+        _, candidates = candidates_for(ctx, visit)
+        assert candidates and all(c is loaded[c.uri] for c in candidates)  # the visit loads nothing again
+    finally:
+        ctx.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from prompt_tasks.metrics import (
+from prompt_tasks.store.metrics import (
     RedisCollector,
     count,
     observe,

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from prompt_tasks import ledger
-from prompt_tasks.butler_stages import footprint_for, prepare
+from prompt_tasks.butler.localrepo import repos_of
+from prompt_tasks.butler.stages import footprint_for, prepare
 from prompt_tasks.context import Context
-from prompt_tasks.localrepo import repos_of
 from prompt_tasks.settings import Settings
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import visit_key
 from tests.butlerkit import (
     EPOCH1_START,
     NIGHT_START,
@@ -94,7 +95,7 @@ def test_second_visit_transfers_nothing_and_ledger_says_so(ctx: Context, rdb) ->
     assert two.data["preload"]["transferred"] == {}
     assert sum(two.data["preload"]["reused"].values()) == sum(one.data["preload"]["transferred"].values())
     assert two.data["preload"]["certified"] == 0
-    raw = rdb.hgetall(ledger.visit_key("SimCam", second["groupId"]))
+    raw = rdb.hgetall(visit_key("SimCam", second["groupId"]))
     assert raw[ledger.detector_field(2, "prepare.transferred")] == "0"
     assert json.loads(raw[ledger.detector_field(2, "prepare.preload")])["reused"]["calibration"] == 3
     for part in ("query", "transfer", "certify"):
@@ -142,6 +143,6 @@ def test_cache_is_bounded_and_keeps_what_the_visit_needs(central: Settings, sett
 
 
 def next_visit_model(raw: dict):
-    from prompt_tasks.visit import NextVisit
+    from prompt_tasks.model.visit import NextVisit
 
     return NextVisit.model_validate(raw)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prompt_tasks.cache import CacheEntry, CacheIndex, choose_evictions
-from prompt_tasks.preload import InputType, PreloadTarget, QueryKind, plan_preload
+from prompt_tasks.butler.cache import CacheEntry, CacheIndex, choose_evictions
+from prompt_tasks.butler.preload import InputType, PreloadTarget, QueryKind, plan_preload
 
 INPUTS = [
     InputType("raw", frozenset({"instrument", "exposure", "detector"})),

@@ -21,14 +21,14 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from prompt_tasks import ledger
-from prompt_tasks.arrivals import record_arrival
-from prompt_tasks.keys import SnapKey, format_key
-from prompt_tasks.metrics import read_counters
-from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.flow.router import announce, detector_queue
+from prompt_tasks.model.objectkeys import SnapKey, format_key
+from prompt_tasks.model.visit import NextVisit
 from prompt_tasks.settings import Settings
-from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.store import ledger
+from prompt_tasks.store.arrivals import record_arrival
+from prompt_tasks.store.keys import fault_key
+from prompt_tasks.store.metrics import read_counters
 from tests.fleetkit import Fleet, make_visit, node_alive, summary_of, wait_until
 from tests.servers import missing
 
@@ -106,7 +106,9 @@ def _arrived(rdb: redis.Redis, visit: NextVisit, detectors: list[int]) -> None:
 
 
 def test_chord_completes_with_a_failed_detector(worker: Celery, broker_settings: Settings, rdb: redis.Redis) -> None:
-    visit = make_visit(INSTRUMENT, nimages=1)
+    # the snaps are all there, so the chord ends at once; the deadline (the visit's end, 30 s
+    # away, plus the margin) must not race it on a loaded machine
+    visit = make_visit(INSTRUMENT, nimages=1, duration=30.0)
     _arrived(rdb, visit, DETECTORS)
     rdb.set(fault_key(INSTRUMENT, visit.groupId, 2, "ingest"), "bad raw", ex=120)
     announce(worker, broker_settings, visit, detectors=DETECTORS)

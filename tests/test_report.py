@@ -8,12 +8,12 @@ from pathlib import Path
 import redis
 from click.testing import CliRunner
 
-from prompt_tasks import ledger
 from prompt_tasks.cli import main
-from prompt_tasks.report import draw, markers, timeline
+from prompt_tasks.daytime.report import draw, markers, timeline
+from prompt_tasks.model.status import Outcome, StageStatus
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
-from prompt_tasks.status import Outcome, StageStatus
+from prompt_tasks.store import ledger
 from tests.fleetkit import make_visit
 
 INSTRUMENT = "SimCam"

@@ -12,15 +12,17 @@ import redis
 from celery import Celery, Task, shared_task
 from celery.contrib.testing.worker import start_worker
 
-from prompt_tasks import retry
 from prompt_tasks.celery import broker_transport_options, celery_config
 from prompt_tasks.errors import BadRaw, PermanentError, RetryLater
-from prompt_tasks.metrics import read_counters
+from prompt_tasks.flow import retry
+from prompt_tasks.flow.policy import POLICIES, StagePolicy, backoff, retry_countdown
+from prompt_tasks.flow.stage import StageTask
+from prompt_tasks.model.status import Outcome, StageStatus
+from prompt_tasks.model.visit import tai_now
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import free_port
-from prompt_tasks.stage import POLICIES, StageTask, fault_key, retry_countdown
-from prompt_tasks.status import Outcome, StageStatus
-from prompt_tasks.visit import tai_now
+from prompt_tasks.store.keys import delivery_key, fault_key
+from prompt_tasks.store.metrics import read_counters
 
 QUEUE = "retry-tests"
 INSTRUMENT = "RetryCam"
@@ -114,13 +116,14 @@ def test_permanent_errors_are_not_retried() -> None:
 
 
 def test_backoff_grows_is_jittered_and_capped() -> None:
-    policy = retry.RetryPolicy(base_s=1.0, cap_s=10.0, jitter=(0.8, 1.2))
+    policy = StagePolicy(soft_time_limit=1.0, time_limit=2.0, max_retries=3, backoff_base_s=1.0,
+                         backoff_cap_s=10.0, jitter=(0.8, 1.2))
     rng = random.Random(8)
     for attempt, base in enumerate((1.0, 2.0, 4.0, 8.0)):
         for _ in range(50):
-            assert 0.8 * base <= retry.backoff(attempt, policy, rng=rng) <= min(10.0, 1.2 * base)
-    assert all(retry.backoff(20, policy, rng=rng) <= 10.0 for _ in range(50))
-    assert retry.backoff(0, policy, hint=0.05, rng=rng) <= 0.06
+            assert 0.8 * base <= backoff(attempt, policy, rng=rng) <= min(10.0, 1.2 * base)
+    assert all(backoff(20, policy, rng=rng) <= 10.0 for _ in range(50))
+    assert backoff(0, policy, hint=0.05, rng=rng) <= 0.06
     for stage in POLICIES:
         assert retry_countdown(stage, 0) > 0
 
@@ -128,7 +131,7 @@ def test_backoff_grows_is_jittered_and_capped() -> None:
 def test_delivery_counter(rdb: redis.Redis) -> None:
     assert [retry.count_delivery(rdb, "t1", 0) for _ in range(3)] == [1, 2, 3]
     assert retry.count_delivery(rdb, "t1", 1) == 1  # a retry is a new attempt
-    assert 0 < rdb.ttl(retry.delivery_key("t1", 0)) <= 24 * 3600
+    assert 0 < rdb.ttl(delivery_key("t1", 0)) <= 24 * 3600
     assert retry.redelivered_reason(4) == "redelivered 3 times (worker crashed?)"
 
 
@@ -140,7 +143,7 @@ def test_visibility_timeout_covers_the_longest_stage_and_restore_is_tuned(settin
     assert options["unacked_restore_throttle"] == 1
     config = celery_config(settings)
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
-    assert config["broker_transport"] == "prompt_tasks.brokers:RedisTransport"
+    assert config["broker_transport"] == "prompt_tasks.fleet.brokers:RedisTransport"
     rabbit = settings.model_copy(update={"broker_url": "amqp://guest:guest@127.0.0.1:5672//"})
     assert broker_transport_options(rabbit) == {}
     assert celery_config(rabbit)["broker_transport"] is None

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import redis
 from celery import Celery
 
-from prompt_tasks import ledger
 from prompt_tasks.errors import InvalidVisit
-from prompt_tasks.router import (
+from prompt_tasks.flow.router import (
     SUMMARY_QUEUE,
     WAIT_QUEUE,
     announce,
     detector_queue,
+    freeze_chord,
     instrument_detectors,
     kwargs_repr,
     parse_detector_queue,
     plan_chord,
     plan_deadline,
 )
+from prompt_tasks.model.visit import NextVisit, tai_now
 from prompt_tasks.settings import Settings
-from prompt_tasks.visit import NextVisit, tai_now
+from prompt_tasks.store import ledger
 
 
 def _visit(group: str = "2026-11-24T01:00:00.000", **extra: object) -> NextVisit:
@@ -69,16 +72,30 @@ def test_plan_deadline() -> None:
     assert plan_deadline(visit, 120.0, now=5000.0)[1] == 0.0
 
 
-def test_plan_chord_of_189_detectors_is_quick_to_build(celery_app: Celery) -> None:
-    from celery import chain, chord
+def test_freeze_chord_embeds_each_chain_in_its_first_message(celery_app: Celery) -> None:
+    from celery import signature
 
-    plan = plan_chord(_visit(), range(189))
-    header = [chain(*[celery_app.signature(t.name, kwargs=t.kwargs, queue=t.queue) for t in c])
-              for c in plan.chains]
-    sig = chord(header, celery_app.signature(plan.callback.name, kwargs=plan.callback.kwargs,
-                                             queue=plan.callback.queue))
-    queues = {task.options["queue"] for c in sig.tasks for task in c.tasks}
-    assert len(queues) == 190  # 189 detector queues and "wait"
+    counter = iter(range(10_000))
+    frozen = freeze_chord(plan_chord(_visit(), range(189)), new_id=lambda: f"id-{next(counter)}")
+    assert len(frozen.messages) == 189
+    ids = [frozen.group_id, frozen.callback_id]
+    for index, message in enumerate(frozen.messages):
+        assert message.first.name == "prompt_tasks.prepare_repo"
+        assert message.first.queue == detector_queue("LSSTCam", index)
+        # a worker pops the embedded chain from its end: the next step last
+        assert [step["task"] for step in message.rest] == [
+            "prompt_tasks.run_pipeline", "prompt_tasks.ingest", "prompt_tasks.wait_for_snap"]
+        last, *earlier = [signature(step, app=celery_app) for step in message.rest]
+        assert last.options["chord"] == frozen.callback and last.options["group_index"] == index
+        assert last.options["group_id"] == frozen.group_id and last.id == message.result_id
+        assert all("chord" not in step.options and step.options["ignore_result"] for step in earlier)
+        assert [step["options"]["queue"] for step in message.rest] == [message.first.queue, message.first.queue,
+                                                                      WAIT_QUEUE]
+        ids += [message.task_id, *(step.id for step in earlier), last.id]
+    assert len(set(ids)) == len(ids) == 2 + 189 * 4  # every task its own id
+    callback = signature(frozen.callback, app=celery_app)
+    assert (callback.task, callback.options["queue"]) == ("prompt_tasks.summarize_visit", SUMMARY_QUEUE)
+    json.dumps([frozen.callback, *(m.rest for m in frozen.messages)])  # what the broker carries
 
 
 def test_announce_is_idempotent(celery_app: Celery, settings: Settings, rdb: redis.Redis) -> None:
@@ -122,7 +139,7 @@ def test_kwargs_repr_names_the_visit() -> None:
 
 
 def test_detector_spec() -> None:
-    from prompt_tasks.router import parse_detector_spec
+    from prompt_tasks.flow.router import parse_detector_spec
 
     assert parse_detector_spec("SimCam=0-3,5; LSSTCam=7") == {"SimCam": [0, 1, 2, 3, 5], "LSSTCam": [7]}
     assert parse_detector_spec("") == {}
@@ -132,7 +149,7 @@ def test_detector_spec() -> None:
 
 
 def test_active_detectors_from_settings_then_plugin() -> None:
-    from prompt_tasks.router import active_detectors
+    from prompt_tasks.flow.router import active_detectors
 
     assert active_detectors(Settings(active_detectors="SimCam=0-1"), "SimCam") == [0, 1]
     assert active_detectors(Settings(), "SimCam") == list(range(9))

@@ -26,22 +26,22 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner
 
-from prompt_tasks import ledger
-from prompt_tasks.arrivals import record_arrival
-from prompt_tasks.controller import (
+from prompt_tasks.fleet.controller import (
     QueueController,
     adopted_assignment,
     plan_actions,
     read_assignment,
     read_events,
 )
-from prompt_tasks.keys import SnapKey, format_key
-from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.flow.router import announce, detector_queue
+from prompt_tasks.model.objectkeys import SnapKey, format_key
+from prompt_tasks.model.visit import NextVisit, tai_now
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.env import child_env
 from prompt_tasks.stack.servers import redis_binary
-from prompt_tasks.stage import fault_key
-from prompt_tasks.visit import NextVisit, tai_now
+from prompt_tasks.store import ledger
+from prompt_tasks.store.arrivals import record_arrival
+from prompt_tasks.store.keys import fault_key
 from tests.servers import celery_app_for, missing, private_servers
 from tests.servers import test_settings as private_settings
 from workers import ROLES, celery_argv

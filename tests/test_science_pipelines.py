@@ -1,7 +1,7 @@
 """The SimCam pipelines on simulated data, through ``pipetask run`` and the in-process runner.
 
 One module-scoped central repository (one 512x512 detector, r band: calibrations at two
-epochs, templates, refcat, skymap, APDB) built by ``prompt_tasks.central.init_central``; one
+epochs, templates, refcat, skymap, APDB) built by ``prompt_tasks.instruments.simcam.central.init_central``; one
 two-snap visit simulated by the SimCam raw simulator and ingested with the header translator.
 The AP pipeline must recover the visit's injected transients; its alerts must be real Avro
 that follows the Rubin schema; the calibration, fallback and benchmark pipelines must run.
@@ -22,7 +22,8 @@ from astropy.table import Table
 from astropy.time import Time
 from lsst.daf.butler import Butler, DatasetIdGenEnum, DatasetRef, FileDataset
 
-from prompt_tasks.central import (
+from benchmarks.recovery import score_recovery
+from prompt_tasks.instruments.simcam.central import (
     DEFAULTS_COLLECTION,
     RAW_RUN,
     apdb_config_path,
@@ -35,7 +36,6 @@ from prompt_tasks.instruments.simcam.sky import Sky
 from prompt_tasks.instruments.simcam.translator import RECORD_ORDER, records_from_header
 from prompt_tasks.instruments.simcam.visits import VisitSpec
 from prompt_tasks.science.alerts import AlertSchema, read_alerts
-from prompt_tasks.science.recovery import score_recovery
 from prompt_tasks.science.runner import (
     override_arguments,
     pipeline_path,
@@ -123,6 +123,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedRepo]:
     settings = Settings(
         state_dir=root,
         central_repo=str(root / "central"),
+        central_datastore="inside",  # the science payload alone: no S3 server needed
         apdb_url=f"sqlite:///{root / 'apdb.sqlite3'}",
     )
     config = SimConfig(n_detectors=1, size=512, bands=("r",))

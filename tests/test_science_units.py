@@ -32,22 +32,15 @@ from prompt_tasks.science.calib_verify import (
 )
 from prompt_tasks.science.calibrate import combine_snaps, interpolate_bad
 from prompt_tasks.science.detect import detect_dia_sources, electrons_to_njy
-from prompt_tasks.science.imaging import (
-    background_model,
-    detect_peaks,
-    gaussian_image,
-    measure_psf_sigma,
-    robust_stats,
-)
+from prompt_tasks.science.imaging import background, find_point_sources, robust_stats
 from prompt_tasks.science.isr import find_cosmic_rays
 from prompt_tasks.science.matching import match_sky
-from prompt_tasks.science.psf_matching import fit_kernel, fit_scale, match_psfs
 from prompt_tasks.science.runner import (
     override_arguments,
     parse_override,
     pipeline_path,
 )
-from prompt_tasks.science.warping import warp_image
+from prompt_tasks.science.subtract import SubtractTask, fit_kernel
 
 SHAPE = (256, 256)
 
@@ -64,6 +57,20 @@ def _wcs(
     c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
     wcs.wcs.cd = np.array([[-scale * c, scale * s], [scale * s, scale * c]])
     return wcs
+
+
+def gaussian_image(
+    shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, sigma: float
+) -> np.ndarray:
+    """Point sources of total ``flux`` at (``x``, ``y``) with a circular Gaussian PSF."""
+    image = np.zeros(shape)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    for xi, yi, fi in zip(np.atleast_1d(x), np.atleast_1d(y), np.atleast_1d(flux), strict=True):
+        ix, iy, half = round(xi), round(yi), math.ceil(5 * sigma)
+        box = (slice(max(0, iy - half), iy + half + 1), slice(max(0, ix - half), ix + half + 1))
+        r2 = (xx[box] - xi) ** 2 + (yy[box] - yi) ** 2
+        image[box] += fi / (2 * math.pi * sigma**2) * np.exp(-r2 / (2 * sigma**2))
+    return image
 
 
 def _stars(
@@ -90,9 +97,9 @@ def test_background_model_recovers_gradient_under_stars() -> None:
     sky = 500.0 + 0.3 * xx + 0.1 * yy
     x, y, flux = _stars(rng, 60)
     image = sky + gaussian_image(SHAPE, x, y, flux, 1.8) + rng.normal(0, 5.0, SHAPE)
-    model = background_model(image, bin_size=32)
+    model = background(image, 32)
     inner = (slice(32, -32), slice(32, -32))
-    assert np.abs(model[inner] - sky[inner]).max() < 3.0
+    assert np.abs(model[inner] - sky[inner]).max() < 3.5  # 0.7 sigma of the pixel noise
 
 
 def test_detect_peaks_completeness_and_false_detections() -> None:
@@ -107,49 +114,18 @@ def test_detect_peaks_completeness_and_false_detections() -> None:
         SHAPE, gx.ravel(), gy.ravel(), np.full(gx.size, flux_snr10), sigma_psf
     )
     image += rng.normal(0, noise, SHAPE)
-    peaks = detect_peaks(image, sigma_psf, threshold=5.0)
-    match = (
-        np.hypot(
-            peaks.x[:, None] - gx.ravel()[None], peaks.y[:, None] - gy.ravel()[None]
-        ).min(axis=0)
-        < 1.5
+    peaks = find_point_sources(image, sigma_psf, 5.0)
+    distance = np.hypot(
+        np.asarray(peaks["x"])[:, None] - gx.ravel()[None],
+        np.asarray(peaks["y"])[:, None] - gy.ravel()[None],
     )
-    assert match.all()
+    assert (distance.min(axis=0) < 1.5).all()
+    assert np.median(distance.min(axis=1)) < 0.5  # centroid noise at S/N 10: ~0.25 px per axis
     assert len(peaks) <= gx.size + 1
-    assert np.median(peaks.snr) == pytest.approx(10.0, rel=0.2)
-    flux_ok = np.abs(peaks.flux / flux_snr10 - 1)
-    assert np.median(flux_ok) < 0.1
-    noise_only = detect_peaks(
-        rng.normal(0, noise, (512, 512)), sigma_psf, threshold=5.0
-    )
+    assert np.median(peaks["snr"]) == pytest.approx(10.0, rel=0.2)
+    assert np.median(np.abs(peaks["psfFlux"] / flux_snr10 - 1)) < 0.1
+    noise_only = find_point_sources(rng.normal(0, noise, (512, 512)), sigma_psf, 5.0)
     assert len(noise_only) <= 1
-
-
-def test_measure_psf_sigma() -> None:
-    rng = np.random.default_rng(4)
-    x, y, _ = _stars(rng, 20)
-    image = gaussian_image(SHAPE, x, y, np.full(20, 50_000.0), 2.1) + rng.normal(
-        0, 3.0, SHAPE
-    )
-    widths = measure_psf_sigma(image, x, y, guess=1.5)
-    assert np.nanmedian(widths) == pytest.approx(2.1, rel=0.03)
-
-
-def test_psf_matching_makes_static_stars_vanish() -> None:
-    """Broader science: the template is convolved; sharper science: both are."""
-    rng = np.random.default_rng(5)
-    x, y, flux = _stars(rng, 40)
-    sharp = gaussian_image(SHAPE, x, y, flux, 1.4)
-    broad = gaussian_image(SHAPE, x, y, flux, 2.2)
-    sci_m, tmpl_m, match = match_psfs(broad, sharp, 2.2, 1.4)
-    assert match.convolved == "template" and match.matched_sigma == pytest.approx(2.2)
-    assert np.abs(sci_m - tmpl_m).max() < 1e-3 * broad.max()
-    sci_m, tmpl_m, match = match_psfs(sharp, broad, 1.4, 2.2)
-    assert match.convolved == "both"
-    assert match.matched_sigma == pytest.approx(math.hypot(1.4, 2.2))
-    assert match.preconvolution_sigma == pytest.approx(2.2)
-    assert match.kernel_sigma == pytest.approx(1.4)
-    assert np.abs(sci_m - tmpl_m).max() < 1e-3 * broad.max()
 
 
 def test_kernel_fit_matches_a_double_gaussian_psf_and_its_scale() -> None:
@@ -177,40 +153,6 @@ def test_kernel_fit_matches_a_double_gaussian_psf_and_its_scale() -> None:
     assert np.abs(residual).max() < 0.5 * np.abs((science - single)[good]).max()
 
 
-def test_warp_image_follows_the_wcs() -> None:
-    """A template rendered on a rotated, shifted grid lands on the science pixels."""
-    rng = np.random.default_rng(6)
-    science_wcs = _wcs(150.0, 2.0)
-    template_shape = (400, 400)
-    template_wcs = _wcs(
-        150.0 + 10 / 3600, 2.0 - 5 / 3600, angle_deg=30.0, shape=template_shape
-    )
-    ra = 150.0 + rng.uniform(-20, 20, 30) / 3600
-    dec = 2.0 + rng.uniform(-20, 20, 30) / 3600
-    tx, ty = template_wcs.all_world2pix(ra, dec, 0)
-    sx, sy = science_wcs.all_world2pix(ra, dec, 0)
-    flux = np.full(30, 10_000.0)
-    template = gaussian_image(template_shape, tx, ty, flux, 2.0)
-    expected = gaussian_image(SHAPE, sx, sy, flux, 2.0)
-    warped, covered = warp_image(
-        template, template_wcs, science_wcs, SHAPE, order=3, step=32
-    )
-    assert covered.mean() > 0.95
-    residual = np.abs(np.where(covered, warped - expected, 0)).max()
-    assert residual < 0.02 * expected.max()
-
-
-def test_fit_scale_ignores_transients() -> None:
-    rng = np.random.default_rng(7)
-    x, y, flux = _stars(rng, 50)
-    template = gaussian_image(SHAPE, x, y, flux, 2.0)
-    science = 3.5 * template + 12.0 + rng.normal(0, 2.0, SHAPE)
-    science += gaussian_image(SHAPE, [100.0, 200.0], [50.0, 150.0], [1e6, 1e6], 2.0)
-    scale, offset = fit_scale(science, template, np.ones(SHAPE, bool))
-    assert scale == pytest.approx(3.5, rel=0.01)
-    assert offset == pytest.approx(12.0, abs=0.5)
-
-
 def test_dia_detection_finds_both_signs_and_flags_dipoles() -> None:
     rng = np.random.default_rng(8)
     diff = rng.normal(0, 5.0, SHAPE)
@@ -220,6 +162,7 @@ def test_dia_detection_finds_both_signs_and_flags_dipoles() -> None:
         SHAPE, [123.0], [200.0], [6000.0], 1.8
     )
     table = detect_dia_sources(diff, 1.8, 5.0)
+    assert np.all(np.abs(table["psfFlux"]) > 0) and np.all(table["psfFluxErr"] > 0)
     positive = table[~table["isNegative"]]
     negative = table[table["isNegative"]]
     assert any(np.hypot(positive["x"] - 60, positive["y"] - 60) < 1)
@@ -228,6 +171,40 @@ def test_dia_detection_finds_both_signs_and_flags_dipoles() -> None:
     assert table["isDipole"].sum() == 2
     assert electrons_to_njy(31.4) == 1.0
     assert electrons_to_njy(-99.0) == 1.0
+
+
+def test_subtract_task_warps_the_template_and_leaves_only_the_transient() -> None:
+    """Template patches on a rotated, shifted grid (reproject), broader science PSF, a transient."""
+    rng = np.random.default_rng(6)
+    science_wcs = _wcs(150.0, 2.0)
+    ra = 150.0 + rng.uniform(-22, 22, 40) / 3600
+    dec = 2.0 + rng.uniform(-22, 22, 40) / 3600
+    flux = 10 ** rng.uniform(3.5, 4.5, 40)
+    templates = []
+    for offset in (-12.0, 12.0):  # two overlapping patches
+        shape = (200, 400)
+        wcs = _wcs(150.0, 2.0 + offset / 3600, angle_deg=30.0, shape=shape)
+        tx, ty = wcs.all_world2pix(ra, dec, 0)
+        data = gaussian_image(shape, tx, ty, flux, 1.5) + rng.normal(0, 0.5, shape)
+        templates.append(CCDData(data, unit="nJy", meta={**wcs.to_header(), "PSFFWHM": 1.5 * 2.3548 * 0.2}))
+    sx, sy = science_wcs.all_world2pix(ra, dec, 0)
+    science = 2.0 * gaussian_image(SHAPE, sx, sy, flux, 2.2) + rng.normal(0, 3.0, SHAPE)
+    science += gaussian_image(SHAPE, [128.0], [100.0], [3000.0], 2.2)
+    header = science_wcs.to_header()
+    header["PSFSIG"] = 2.2
+    image = CCDData(science, unit="electron", meta=header,
+                    uncertainty=StdDevUncertainty(np.full(SHAPE, 3.0)))
+    result = SubtractTask().run(image, templates)
+    difference = result.difference
+    assert difference.meta["TMPLSCAL"] == pytest.approx(2.0, rel=0.02)
+    assert difference.meta["PSFMATCH"] == "template"
+    good = ~difference.mask
+    assert good.mean() > 0.8
+    assert difference.meta["DIFNOISE"] < 3.5
+    sources = detect_dia_sources(np.asarray(difference.data), 2.2, 5.0, mask=difference.mask)
+    assert len(sources) == 1
+    assert sources["x"][0] == pytest.approx(128.0, abs=0.3)
+    assert sources["y"][0] == pytest.approx(100.0, abs=0.3)
 
 
 def test_combine_snaps_rejects_cosmic_rays() -> None:

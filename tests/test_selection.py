@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from prompt_tasks.selection import (
+from prompt_tasks.butler.selection import (
     RaDecBox,
     SelectionConfigError,
+    every_candidate,
     load_selection,
     parse_selection,
     select,
 )
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.model.visit import NextVisit
 
 CONFIG = {
     "instruments": {
@@ -138,3 +139,36 @@ def test_load_from_yaml(tmp_path: Path) -> None:
     path.write_text("instruments:\n  SimCam:\n    rules:\n      - pipelines: [ApPipe, ~]\n")
     chosen = select(load_selection(path), visit())
     assert chosen.candidates[0].uri == str(tmp_path / "ApPipe.yaml")
+
+
+def test_an_ignored_visit_names_the_rules_file_and_the_rule(tmp_path: Path) -> None:
+    from prompt_tasks.butler.selection import load_selection, select
+    from prompt_tasks.model.visit import parse_next_visit
+
+    path = tmp_path / "pipelines.yaml"
+    path.write_text("instruments:\n  SimCam:\n    rules:\n      - survey: ENG*\n        pipelines: [null]\n"
+                    "      - pipelines: [Trivial]\n")
+    visit = parse_next_visit({"instrument": "SimCam", "groupId": "g", "startTime": 1.0, "survey": "ENGTEST"})
+    chosen = select(load_selection(path), visit)
+    assert chosen.candidates == () and chosen.rule == 0
+    assert str(path) in chosen.reason and "SimCam.rules[0]" in chosen.reason and "survey ENG*" in chosen.reason
+
+
+def test_every_candidate_once_in_rule_order() -> None:
+    config = parse_selection(CONFIG, Path("/pipelines"))
+    assert [c.name for c in every_candidate(config)] == ["CalibVerify", "ApPipe", "SingleFrame", "Trivial"]
+
+
+def test_a_compute_worker_imports_every_pipeline_it_may_run_ahead() -> None:
+    import sys
+
+    from prompt_tasks.butler.stages import import_pipeline_tasks
+    from prompt_tasks.fleet.roles import detector_hostname, is_compute_node
+    from prompt_tasks.settings import Settings
+
+    assert is_compute_node(f"{detector_hostname(3)}@host") and is_compute_node("detector-12")
+    assert not any(is_compute_node(n) for n in ("summary@host", "wait@h", "detector-x@h", "detectors-1@h"))
+    # SimCam's own selection: every pipeline it names, their task modules imported, nothing opened
+    assert set(import_pipeline_tasks(Settings())) >= {"ApPipe", "SingleFrame", "Trivial"}
+    assert {"prompt_tasks.science.isr", "prompt_tasks.science.subtract"} <= set(sys.modules)  # ApPipe's tasks
+

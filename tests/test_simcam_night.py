@@ -21,10 +21,10 @@ from prompt_tasks.instruments.simcam.night import (
     tai_now,
 )
 from prompt_tasks.instruments.simcam.visits import READOUT_S, day_obs_of
-from prompt_tasks.keys import parse_key
+from prompt_tasks.model.objectkeys import parse_key
+from prompt_tasks.model.visit import parse_next_visit
 from prompt_tasks.objstore import make_client
 from prompt_tasks.settings import Settings
-from prompt_tasks.visit import parse_next_visit
 
 START = 1795482000.0  # 2026-11-24T01:00:00 TAI
 
@@ -178,6 +178,7 @@ def test_simulate_cli_explains_what_is_missing(tmp_path: Path, simcam_central: o
     from click.testing import CliRunner
 
     from prompt_tasks.cli import main
+    from prompt_tasks.stack.env import settings_env
     from prompt_tasks.stack.servers import free_port
 
     runner = CliRunner()
@@ -188,5 +189,58 @@ def test_simulate_cli_explains_what_is_missing(tmp_path: Path, simcam_central: o
                          env={"PROMPT_TASKS_STATE_DIR": state, "PROMPT_TASKS_S3_PORT": str(free_port())})
     assert down.exit_code == 1 and "does not answer" in down.output
     too_many = runner.invoke(main, ["simulate", "--visits", "1", "--detectors", "5"],
-                             env={"PROMPT_TASKS_STATE_DIR": state})
+                             env=settings_env(simcam_central.settings))  # type: ignore[attr-defined]
     assert too_many.exit_code == 1 and "has 2 detectors" in too_many.output
+
+
+def test_run_night_rides_out_an_s3_outage_and_names_what_it_lost(tmp_path: Path, config: SimConfig) -> None:
+    """A short outage is retried with backoff; a long one loses raws, which the report names."""
+    import threading
+
+    from prompt_tasks.objstore import wait_live
+    from prompt_tasks.stack.servers import start_s3
+    from tests.servers import private_servers
+    from tests.servers import test_settings as private_settings
+
+    own = private_settings(tmp_path / "stack")
+    with private_servers(own) as settings:
+        s3_dir, run_dir = settings.state_path / "s3", settings.state_path / "run"
+        proc = _start_intake(settings, tmp_path)
+        try:
+            plan = plan_night(config, 3, tai_now() + 3.0, cadence=10.0, lead=2.0, snaps=1, exptime=1.0)
+            events = [e for e in events_of(plan) if e.kind != "announce"]
+            first_raws, last_raws = events[0].at, events[-1].at
+
+            def outages() -> None:
+                from prompt_tasks.stack.process import ManagedProcess
+                from prompt_tasks.stack.servers import s3_signature
+
+                def s3() -> ManagedProcess:
+                    return ManagedProcess("s3", run_dir, signature=s3_signature(s3_dir))
+
+                time.sleep(max(0.0, first_raws - tai_now() - 0.5))
+                assert s3().stop()  # visit 0's raws are due now: retried until the server is back
+                time.sleep(3.0)
+                start_s3(settings, s3_dir, run_dir)
+                assert wait_live(settings, timeout=30)
+                time.sleep(max(0.0, last_raws - tai_now() - 0.5))
+                assert s3().stop()  # down for good: visit 2's raws are lost
+
+            breaker = threading.Thread(target=outages, daemon=True)
+            breaker.start()
+            logged: list[str] = []
+            report = run_night(settings, config, plan, [0, 1], wait_s=0.0, log=logged.append,
+                               **({"retry_s": 6.0} if "retry_s" in run_night.__kwdefaults__ else {}))
+            breaker.join(60)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert set(report.announced) == {0, 1, 2} and report.rejected == {}
+    assert report.put == 4  # visits 0 (after the outage) and 1
+    lost_group = plan[2].spec.group
+    assert sorted(report.undelivered) == sorted(raw_key(config, plan[2].spec, d, 0) for d in (0, 1))
+    from prompt_tasks.instruments.simcam.night import undelivered_lines
+
+    lines = undelivered_lines(report, plan)
+    assert any(lost_group in line and "lost" in line for line in lines), lines
+    assert not any("Traceback" in line for line in logged + lines)

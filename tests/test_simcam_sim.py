@@ -23,7 +23,7 @@ from prompt_tasks.instruments.simcam.sky import Sky
 from prompt_tasks.instruments.simcam.skymap import SimSkyMap
 from prompt_tasks.instruments.simcam.templates import make_template
 from prompt_tasks.instruments.simcam.visits import VisitSpec
-from prompt_tasks.keys import format_key, parse_key
+from prompt_tasks.model.objectkeys import format_key, parse_key
 
 NIGHT = float(Time("2026-11-24T02:00:00", scale="tai").unix_tai)
 OLD_NIGHT = float(Time("2026-03-10T02:00:00", scale="tai").unix_tai)

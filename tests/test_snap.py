@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from prompt_tasks.arrivals import Arrival, abort_visit, signal_end
 from prompt_tasks.context import Context
-from prompt_tasks.dispatcher import Dispatcher
-from prompt_tasks.keys import format_key
+from prompt_tasks.flow.dispatcher import Dispatcher
+from prompt_tasks.flow.snap import WaitPlan, decide, wait_for_snaps
+from prompt_tasks.model.objectkeys import format_key
+from prompt_tasks.model.status import Outcome, StageStatus
 from prompt_tasks.objstore import ensure_bucket
 from prompt_tasks.settings import Settings
-from prompt_tasks.snap import WaitPlan, decide, wait_for_snaps
-from prompt_tasks.status import Outcome, StageStatus
+from prompt_tasks.store.arrivals import Arrival, abort_visit, signal_end
 
 
 def _group() -> str:
@@ -35,7 +35,7 @@ def ctx(settings: Settings) -> Iterator[Context]:
 @pytest.fixture
 def dispatching(ctx: Context) -> Iterator[None]:
     """A dispatcher running in a thread for the duration of the test."""
-    from prompt_tasks.dispatcher import dispatcher_for
+    from prompt_tasks.flow.dispatcher import dispatcher_for
 
     dispatcher: Dispatcher = dispatcher_for(ctx)
     stop = threading.Event()
@@ -187,14 +187,14 @@ def test_wait_task_on_a_real_wait_worker(ctx: Context, dispatching: None, celery
     assert isinstance(celery_app, Celery)
     group = _group()
     visit = {"instrument": "SimCam", "groupId": group, "startTime": time.time(), "duration": 5.0, "nimages": 1}
-    previous = StageStatus("prepare", Outcome.OK, "SimCam", group, 13).to_dict()
+    previous = StageStatus("prepare", Outcome.OK, "SimCam", group, 4).to_dict()
     with start_worker(celery_app, pool="threads", concurrency=4, queues=["wait"], perform_ping_check=False,
                       hostname="wait@snap-test", shutdown_timeout=10):
         result = celery_app.signature("prompt_tasks.wait_for_snap", args=[previous],
-                                      kwargs={"visit": visit, "detector": 13}, queue="wait").apply_async()
+                                      kwargs={"visit": visit, "detector": 4}, queue="wait").apply_async()
         time.sleep(0.5)
         assert not result.ready()
-        key = format_key("SimCam", 13, group, 0)
+        key = format_key("SimCam", 4, group, 0)
         _put(ctx, key)
         status = StageStatus.from_dict(result.get(timeout=30))
     assert status.outcome is Outcome.OK and status.stage == "wait"

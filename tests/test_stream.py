@@ -10,7 +10,6 @@ import pytest
 import redis
 from celery import Celery
 
-from prompt_tasks import ledger
 from prompt_tasks.errors import InvalidVisit
 from prompt_tasks.intake.stream import (
     DEFAULT_GROUP,
@@ -19,14 +18,15 @@ from prompt_tasks.intake.stream import (
     StreamConsumer,
     StreamMessage,
     parse_message,
-    stream_name,
 )
-from prompt_tasks.metrics import read_counters
+from prompt_tasks.model.visit import parse_next_visit
 from prompt_tasks.settings import Settings
-from prompt_tasks.visit import parse_next_visit
+from prompt_tasks.store import ledger
+from prompt_tasks.store.keys import stream_key
+from prompt_tasks.store.metrics import read_counters
 
 GROUP = "2026-11-24T04:00:00.000"
-STREAM = stream_name("SimCam")
+STREAM = stream_key("SimCam")
 
 
 def fan_message(detector: int, group: str = GROUP, **overrides: str) -> dict[str, str]:
@@ -255,7 +255,7 @@ def test_failed_announcement_stays_pending_and_is_retried(
         calls.append(detectors)
         if len(calls) == 1:
             raise ConnectionError("broker away")
-        from prompt_tasks.router import announce
+        from prompt_tasks.flow.router import announce
 
         return announce(celery_app, settings, visit, detectors=detectors)
 
@@ -275,7 +275,7 @@ def test_failed_announcement_stays_pending_and_is_retried(
 def test_discovers_streams_and_survives_a_vanished_group(
     settings: Settings, celery_app: Celery, rdb: redis.Redis
 ) -> None:
-    other = stream_name("OtherCam")
+    other = stream_key("OtherCam")
     rdb.xadd(other, fan_message(1, instrument="OtherCam"))
     made = StreamConsumer(celery_app, settings, [], consumer="finder", window_s=0.1)
     try:

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from prompt_tasks.errors import InvalidVisit
-from prompt_tasks.visit import (
+from prompt_tasks.model.visit import (
     CoordinateSystem,
     Dome,
     NextVisit,

@@ -25,11 +25,11 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from prompt_tasks import ledger
-from prompt_tasks.export import is_exported
-from prompt_tasks.router import announce, detector_queue
+from prompt_tasks.butler.export import is_exported
+from prompt_tasks.flow.router import announce, detector_queue
+from prompt_tasks.model.visit import NextVisit
 from prompt_tasks.settings import Settings
-from prompt_tasks.visit import NextVisit
+from prompt_tasks.store.keys import visit_key
 from tests.butlerkit import central_fixture, next_visit, put_raws, visit_spec, world
 from tests.servers import celery_app_for
 
@@ -67,7 +67,7 @@ def app(e2e_settings: Settings) -> Iterator[Celery]:
 def fleet(app: Celery, e2e_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A detector worker process, an in-process ``wait`` worker and a dispatcher thread."""
     from prompt_tasks.context import context_of
-    from prompt_tasks.dispatcher import dispatcher_for
+    from prompt_tasks.flow.dispatcher import dispatcher_for
     from prompt_tasks.stack.env import child_env
 
     ctx = context_of(app)
@@ -134,7 +134,7 @@ def _run_visit(app: Celery, settings: Settings, spec: Any, detectors: list[int] 
 
 
 def _detector_fields(rdb: redis.Redis, spec: Any, detector: int) -> dict[str, str]:
-    raw = rdb.hgetall(ledger.visit_key("SimCam", spec.group))
+    raw = rdb.hgetall(visit_key("SimCam", spec.group))
     prefix = f"d{detector:03d}."
     return {key[len(prefix):]: value for key, value in raw.items() if key.startswith(prefix)}
 

@@ -2,7 +2,7 @@
 
 The settings are built here, once, from the environment, and handed to every command through
 the click context. Each command family lives in its own module of this package and is
-registered in :data:`COMMAND_MODULES`.
+registered in :data:`COMMAND_MODULES`; an instrument plugin may add its own (``commands``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from prompt_tasks.instruments import known_instruments, load_plugin
 from prompt_tasks.settings import Settings
 
 __all__ = ["main", "pass_settings"]
@@ -24,7 +25,6 @@ COMMAND_MODULES: list[str] = [
     "prompt_tasks.cli.intake",  # intake, next-visit, abort
     "prompt_tasks.cli.fleet",  # workers, status, report
     "prompt_tasks.cli.events",  # dispatcher
-    "prompt_tasks.cli.simcam",  # central init, simulate
     "prompt_tasks.cli.butler",  # local repos, export
     "prompt_tasks.cli.catchup",  # catchup list/run
     "prompt_tasks.cli.report",  # report (a visit's timeline PNG)
@@ -62,7 +62,7 @@ def config(settings: Settings, as_json: bool) -> None:
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def worker(role: str, index: int, loglevel: str, extra: tuple[str, ...]) -> None:
     """Run the Celery worker of ROLE (see workers/); EXTRA goes to celery."""
-    from workers import CELERY_ROLES, ROLES, celery_argv
+    from prompt_tasks.fleet.roles import CELERY_ROLES, ROLES, celery_argv
 
     if role not in CELERY_ROLES:
         raise click.BadParameter(f"{role!r} is not one of {', '.join(CELERY_ROLES)}", param_hint="ROLE")
@@ -71,6 +71,12 @@ def worker(role: str, index: int, loglevel: str, extra: tuple[str, ...]) -> None
     os.execv(argv[0], argv)
 
 
-for _module in COMMAND_MODULES:
+def _command_modules() -> list[str]:
+    """Our command modules, then those of every instrument plugin (a simulator's, say)."""
+    extra = [plugin.commands for plugin in map(load_plugin, sorted(known_instruments())) if plugin.commands]
+    return COMMAND_MODULES + sorted(set(extra) - set(COMMAND_MODULES))
+
+
+for _module in _command_modules():
     for _command in importlib.import_module(_module).COMMANDS:
         main.add_command(_command)

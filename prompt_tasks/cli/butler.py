@@ -36,8 +36,8 @@ def local() -> None:
 @pass_settings
 def local_list(settings: Settings, as_json: bool) -> None:
     """List local repos: instrument, detector, disk use, preloaded datasets and bytes."""
-    from prompt_tasks.cache import CacheIndex
-    from prompt_tasks.localrepo import Repos
+    from prompt_tasks.butler.cache import CacheIndex
+    from prompt_tasks.butler.localrepo import Repos
 
     rows = []
     for instrument, detector, path in Repos(settings).existing():
@@ -64,7 +64,7 @@ def local_list(settings: Settings, as_json: bool) -> None:
 @pass_settings
 def local_purge(settings: Settings, instrument: str | None, detector: tuple[int, ...], yes: bool) -> None:
     """Delete local repos (workers recreate them, cold, at their next visit)."""
-    from prompt_tasks.localrepo import Repos
+    from prompt_tasks.butler.localrepo import Repos
 
     repos = Repos(settings)
     chosen = [(inst, det) for inst, det, _ in repos.existing()
@@ -88,9 +88,10 @@ def export() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_settings
 def export_status(settings: Settings, as_json: bool) -> None:
-    """Pending and set-aside export requests, and what was exported so far."""
+    """Pending and parked export messages, and what was registered so far."""
+    from prompt_tasks.butler.export import pending
     from prompt_tasks.context import Context
-    from prompt_tasks.export import EXPORT_FAILED, EXPORT_STATS, pending
+    from prompt_tasks.store.keys import EXPORT_FAILED, EXPORT_STATS
 
     ctx = Context(settings)
     try:
@@ -108,8 +109,8 @@ def export_status(settings: Settings, as_json: bool) -> None:
 @export.command("flush")
 @pass_settings
 def export_flush(settings: Settings) -> None:
-    """Write every pending export request to the central repo now (in this process)."""
-    from prompt_tasks.butler_stages import export_pending
+    """Register every pending export message in the central repo now (in this process)."""
+    from prompt_tasks.butler.stages import export_pending
     from prompt_tasks.context import Context
 
     ctx = Context(settings)
@@ -121,7 +122,7 @@ def export_flush(settings: Settings) -> None:
         click.echo("another export is running; it will write the pending requests")
         return
     click.echo(f"exported {result['requests']} detector-visits ({result['datasets']} datasets) in "
-               f"{result['batches']} batches; {result['dropped']} set aside")
+               f"{result['batches']} batches; {result['dropped']} parked (prompt-tasks export status)")
 
 
 COMMANDS: list[click.Command] = [local, export]

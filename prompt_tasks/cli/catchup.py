@@ -31,7 +31,7 @@ def catchup() -> None:
 @pass_settings
 def catchup_list(settings: Settings, states: tuple[str, ...], as_json: bool) -> None:
     """List the catch-up records."""
-    from prompt_tasks.catchup import list_records
+    from prompt_tasks.daytime.catchup import list_records
 
     ctx = Context(settings)
     try:
@@ -60,8 +60,8 @@ def catchup_list(settings: Settings, states: tuple[str, ...], as_json: bool) -> 
 @pass_settings
 def catchup_run(settings: Settings, limit: int | None, force: bool, dry_run: bool, as_json: bool) -> None:
     """Redo the pending records whose raws are now in the bucket, on the catchup queue."""
-    from prompt_tasks.catchup import run_catchup
     from prompt_tasks.celery import create_app
+    from prompt_tasks.daytime.catchup import run_catchup
 
     app = create_app(settings)
     ctx = Context(settings)

@@ -23,7 +23,7 @@ def dispatcher(settings: Settings, loglevel: str, text_logs: bool) -> None:
     """Index bucket events and wake waiting tasks, until SIGTERM or SIGINT."""
     from prompt_tasks.celery import create_app
     from prompt_tasks.context import Context
-    from prompt_tasks.dispatcher import dispatcher_for
+    from prompt_tasks.flow.dispatcher import dispatcher_for
     from prompt_tasks.logs import configure_logging
 
     configure_logging(loglevel.upper(), json_format=not text_logs)
@@ -49,7 +49,7 @@ def event_counters(settings: Settings) -> None:
     """Print the dispatcher's counters (records ok, duplicates, malformed...) as JSON."""
     import redis
 
-    from prompt_tasks.dispatcher import counters
+    from prompt_tasks.flow.dispatcher import counters
 
     client = redis.Redis.from_url(settings.events_redis, socket_connect_timeout=2)
     try:
@@ -66,7 +66,7 @@ def end_visit(settings: Settings, instrument: str, group: str) -> None:
     """Signal that GROUP of INSTRUMENT took its last snap (ends waits with nimages 0)."""
     import redis
 
-    from prompt_tasks.arrivals import signal_end
+    from prompt_tasks.store.arrivals import signal_end
 
     client = redis.Redis.from_url(settings.events_redis, socket_connect_timeout=2)
     try:

@@ -9,16 +9,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from prompt_tasks import ledger
 from prompt_tasks.cli import pass_settings
 from prompt_tasks.context import Context
-from prompt_tasks.controller import read_assignment, read_events, read_state
-from prompt_tasks.router import parse_detector_queue
+from prompt_tasks.fleet.controller import read_assignment, read_events, read_state
+from prompt_tasks.flow.router import parse_detector_queue
 from prompt_tasks.settings import Settings, mask_url
+from prompt_tasks.store import ledger
 
 __all__ = ["COMMANDS", "detector_ranges", "status_table", "workers_table"]
 
@@ -79,34 +80,36 @@ def workers_table(assignment: dict[str, list[str]], events: list[dict[str, Any]]
     return table
 
 
+def _age(when: float | None, now: float) -> str:
+    if when is None:
+        return "-"
+    delta = max(0.0, now - when)
+    return f"{delta:.0f}s" if delta < 120 else f"{delta / 60:.0f}m" if delta < 7200 else f"{delta / 3600:.0f}h"
+
+
 def status_table(records: list[ledger.VisitRecord], now: float) -> Table:
-    """One row per visit: age, detectors per stage reached, outcomes, summary."""
-    table = Table(title="Visits")
-    for name, justify in (("visit", "left"), ("received", "right"), ("det", "right"),
-                          ("pending", "right"), *((s, "right") for s in ledger.STAGES),
-                          ("ok", "right"), ("failed", "right"), ("timed out", "right"),
-                          ("summary", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    """One row per visit: its age, and its detector-visits counted once each, by current state.
+
+    Fits 80 columns: the visit key and the summary wrap, no header is ever shortened.
+    """
+    table = Table(title="Visits", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("visit", overflow="fold", ratio=3, min_width=12)
+    table.add_column("age", justify="right", no_wrap=True)
+    table.add_column("det", justify="right", no_wrap=True)
+    for state in ledger.STATES:
+        table.add_column(state, justify="right", no_wrap=True, min_width=len(state))
+    table.add_column("summary", overflow="fold", ratio=2, min_width=8)
     for record in records:
-        progress = record.progress()
-        counts = record.counts()
-        stage_cells = []
-        for stage in ledger.STAGES:
-            running, done = progress.get(stage, 0), progress.get(f"{stage} done", 0)
-            stage_cells.append(f"{done}" + (f" (+{running})" if running else ""))
+        states = record.states()
         if record.summary is not None:
-            summary = f"{record.summary_by} {_ago(record.summarized, now)}"
+            summary = f"{record.summary_by} {_age(record.summarized, now)} ago"
         elif record.deadline is not None:
-            summary = f"deadline in {max(0.0, record.deadline - now):.0f} s"
+            summary = f"deadline in {max(0.0, record.deadline - now):.0f}s"
         else:
             summary = "-"
-        table.add_row(
-            record.key, _ago(record.received, now), str(len(record.detectors)),
-            str(progress.get("pending", 0)), *stage_cells,
-            str(counts.get("ok", 0)), str(counts.get("failed", 0)), str(counts.get("timed_out", 0)),
-            summary,
-        )
-    table.caption = "stage columns: detectors done (+ running)"
+        table.add_row(record.key, _age(record.received, now), str(len(record.detectors)),
+                      *(str(states.get(state, 0)) for state in ledger.STATES), summary)
+    table.caption = "detector-visits by state (waiting: not started or waiting for snaps)"
     return table
 
 

@@ -28,15 +28,16 @@ def _celery_app(settings: Settings):  # type: ignore[no-untyped-def]
 @click.option("--window", type=float, default=0.5, show_default=True,
               help="Seconds without a new detector before a fanned-out visit is announced.")
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--plain-logs", is_flag=True, help="Plain-text logs instead of JSON lines.")
+@click.option("--text-logs", is_flag=True, help="Plain-text logs instead of JSON lines.")
+@click.option("--plain-logs", is_flag=True, hidden=True, help="Old name of --text-logs.")
 @pass_settings
 def intake(settings: Settings, instruments: tuple[str, ...], no_stream: bool, no_controller: bool,
-           no_metrics: bool, window: float, loglevel: str, plain_logs: bool) -> None:
+           no_metrics: bool, window: float, loglevel: str, text_logs: bool, plain_logs: bool) -> None:
     """Run the intake: HTTP API, fan-out stream consumer, queue controller and metrics."""
     from prompt_tasks.intake.service import IntakeService
     from prompt_tasks.logs import configure_logging
 
-    configure_logging(loglevel.upper(), json_format=not plain_logs)
+    configure_logging(loglevel.upper(), json_format=not (text_logs or plain_logs))
     service = IntakeService(
         settings,
         _celery_app(settings),
@@ -95,7 +96,7 @@ def _send_direct(settings: Settings, bodies: list[str]) -> list:  # type: ignore
     from prompt_tasks.intake.client import Outcome
     from prompt_tasks.intake.errors import error_body, http_error
     from prompt_tasks.intake.http import submit
-    from prompt_tasks.visit import parse_next_visit
+    from prompt_tasks.model.visit import parse_next_visit
 
     celery_app = _celery_app(settings)
     ctx = Context(settings)

@@ -26,8 +26,8 @@ def _unreachable(settings: Settings, exc: Exception) -> click.ClickException:
 @pass_settings
 def report(settings: Settings, instrument: str, group: str, output: Path | None) -> None:
     """Draw the timeline of one visit (detectors × stages) from the ledger as a PNG."""
-    from prompt_tasks import ledger
-    from prompt_tasks.report import draw
+    from prompt_tasks.daytime.report import draw
+    from prompt_tasks.store import ledger
 
     ctx = Context(settings)
     try:

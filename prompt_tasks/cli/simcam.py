@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prompt_tasks.cli import pass_settings
+from prompt_tasks.objstore import configure_s3
 from prompt_tasks.settings import Settings, mask_url
 
 __all__ = ["COMMANDS"]
@@ -46,7 +47,7 @@ def central_init(settings: Settings, instrument: str, detectors: int | None, siz
     from lsst.daf.butler import Butler
     from lsst.resources import ResourcePath
 
-    from prompt_tasks.central import CentralMismatch, init_central, read_camera
+    from prompt_tasks.instruments.simcam.central import CentralMismatch, init_central, read_camera
     from prompt_tasks.instruments.simcam.config import SimConfig
 
     console = _console()
@@ -144,19 +145,30 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
              exptime: float, bands: str | None, start_in: float, calibs: str, via: str, wait_s: float) -> None:
     """Drive a running stack as the summit would: next_visit, then raws on schedule."""
     from lsst.daf.butler import Butler
+    from lsst.resources import ResourcePath
     from rich.progress import Progress
 
-    from prompt_tasks.central import read_camera
+    from prompt_tasks.instruments.simcam.central import read_camera
     from prompt_tasks.instruments.simcam.config import SimConfig
     from prompt_tasks.instruments.simcam.night import (
         TAI_MINUS_UTC,
         plan_night,
         run_night,
         tai_now,
+        undelivered_lines,
     )
 
     console = _console()
+    repo = ResourcePath(settings.central_repo_uri, forceDirectory=True)
+    if repo.isLocal and not repo.join("butler.yaml").exists():
+        console.print("[red]no SimCam camera in the central repository: run `prompt-tasks central init`[/red]")
+        sys.exit(1)
+    problem = _stack_problem(settings, "stream")  # the S3 server: the repo's files are there too
+    if problem:
+        console.print(f"[red]{problem}: is the stack up? (`prompt-tasks stack up`)[/red]")
+        sys.exit(1)
     try:
+        configure_s3(settings)
         camera = read_camera(Butler.from_config(settings.central_repo_uri))
     except (OSError, ValueError) as exc:  # no repository at all
         camera = None
@@ -214,7 +226,10 @@ def simulate(settings: Settings, visits: int, detectors: int | None, snaps: int,
                       f"({100 * total.completeness:.0f} %), {total.false} false detections")
     console.print(f"{report.put} raws PUT ({report.late_puts} snaps late), {len(report.announced)} visits "
                   f"announced, {len(report.rejected)} rejected")
-    if report.rejected:
+    lines = undelivered_lines(report, plan)
+    for line in lines:
+        console.print(f"[red]{line}[/red]")
+    if lines:
         sys.exit(1)
 
 

@@ -12,10 +12,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from prompt_tasks.cli import pass_settings
+from prompt_tasks.demo.run import DemoError, DemoRun
+from prompt_tasks.demo.steps import demo_steps
 from prompt_tasks.objstore import ensure_bucket, make_client, wait_live
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack import launcher
-from prompt_tasks.stack.demo import DemoError, DemoRun, demo_steps
+from prompt_tasks.stack.secrets import ensure_secrets
 
 __all__ = ["COMMANDS"]
 
@@ -74,7 +76,12 @@ def stack() -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for health.")
 @pass_settings
 def up(settings: Settings, skip: tuple[str, ...], timeout: float) -> None:
-    """Start every component (those running already are left alone) and wait for health."""
+    """Start every component (those running already are left alone) and wait for health.
+
+    The first ``up`` of a state directory generates its Redis password and S3 keys there
+    (mode 600) unless they are set explicitly.
+    """
+    settings = ensure_secrets(settings)
     console = _console()
     console.print(f"Bringing the stack up in {settings.state_path}")
     try:
@@ -130,7 +137,14 @@ def bucket(settings: Settings, wait_s: float) -> None:
 @skip_option
 @pass_settings
 def demo(settings: Settings, skip: tuple[str, ...]) -> None:
-    """The main job: bring the stack up, PUT a test object, watch its event, report health."""
+    """The main job: bring the stack up, PUT a test object, watch its event, check health,
+    then play a short simulated night (a few visits of the simulated camera over its 9
+    detectors, two snaps each, several filters, one engineering visit the rules ignore) and
+    print a table per visit.
+
+    The night takes several minutes on 2 cores; ``--skip night`` stops after the health check.
+    """
+    settings = ensure_secrets(settings)
     console = _console()
     run = DemoRun(settings, skip, report=_reporter(console))
     steps = demo_steps()

@@ -9,17 +9,20 @@ group ``prompt_tasks.instruments`` whose value is an :class:`InstrumentPlugin`::
 
 and :func:`load_plugin` finds it by instrument name. A plugin provides its Butler
 ``Instrument`` class, its focal-plane geometry (the sky footprint of a detector before any
-pixel exists), its object-key scheme, its raw header translator and the directory of its
-pipeline configuration.
+pixel exists), its object-key scheme, its raw header translator, the directory of its
+pipeline configuration, the seed config of its repositories, how to read the camera a
+central repository holds, and any command-line commands of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from lsst.sphgeom import ConvexPolygon
@@ -61,7 +64,7 @@ class InstrumentPlugin:
     name: str
     #: Dotted name of its ``lsst.pipe.base.Instrument`` subclass.
     instrument_class_name: str
-    #: Name of its object-key scheme in :mod:`prompt_tasks.keys` (``dmtn-219`` by default).
+    #: Name of its object-key scheme in :mod:`prompt_tasks.model.objectkeys` (``dmtn-219`` by default).
     key_scheme: str
     #: Geometry from the instrument's camera description (the ``camera`` dataset, or None
     #: for the default configuration).
@@ -74,6 +77,12 @@ class InstrumentPlugin:
     raw_definition: tuple[str, tuple[str, ...], str] = ("raw", ("instrument", "exposure", "detector"), "CCDImage")
     #: The seed config every repository of the instrument is created with (a ``Config``).
     seed_config: Callable[[], Any] | None = None
+    #: The camera description a central repository holds (``Butler`` → mapping or None),
+    #: for cameras whose focal plane is chosen when the repository is built.
+    read_camera: Callable[[Any], Mapping[str, Any] | None] | None = None
+    #: Dotted name of a module of ``prompt-tasks`` commands for this instrument (it exposes
+    #: ``COMMANDS``, a list of click commands), e.g. a simulator's.
+    commands: str | None = None
 
     @property
     def instrument_class(self) -> type:
@@ -90,11 +99,18 @@ def _load_reference(reference: str) -> InstrumentPlugin:
     return plugin
 
 
-def _registered() -> dict[str, str]:
+@functools.cache
+def _registered() -> Mapping[str, str]:
+    """Instrument name → plugin reference, built in and installed.
+
+    Found once per process: reading the entry points walks every installed distribution's
+    metadata (milliseconds, and the stages look a plugin up several times per detector-visit),
+    and what is installed does not change under a running worker.
+    """
     found = dict(_BUILTIN)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         found[entry.name] = entry.value
-    return found
+    return MappingProxyType(found)
 
 
 def known_instruments() -> set[str]:

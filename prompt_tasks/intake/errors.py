@@ -19,6 +19,7 @@ from prompt_tasks.errors import (
 __all__ = [
     "ERROR_TABLE",
     "BodyTooLarge",
+    "ConflictingVisit",
     "Unauthorized",
     "UnknownVisit",
     "error_body",
@@ -30,6 +31,12 @@ class BodyTooLarge(InvalidVisit):
     """A request body over ``intake_max_body`` bytes (refused before it is parsed)."""
 
     code = "body_too_large"
+
+
+class ConflictingVisit(InvalidVisit):
+    """A repeat of an announced visit (same instrument and groupId) with another body."""
+
+    code = "conflicting_visit"
 
 
 class Unauthorized(PromptTasksError):
@@ -47,6 +54,7 @@ class UnknownVisit(PromptTasksError):
 #: Error class → (HTTP status, stable code). The one place this mapping lives.
 ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     BodyTooLarge: (413, "body_too_large"),
+    ConflictingVisit: (409, "conflicting_visit"),
     InvalidVisit: (422, "invalid_visit"),
     InvalidEvent: (422, "invalid_event"),
     Unauthorized: (401, "unauthorized"),

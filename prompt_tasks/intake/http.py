@@ -2,7 +2,8 @@
 
 =========================================== ====================================================
 ``POST /next-visit``                        announce a visit (summit JSON form): 202 new, 200
-                                            duplicate, 413 body too large, 422 field errors
+                                            duplicate, 409 same visit with another body, 413
+                                            body too large, 422 field errors
 ``GET /visits/{instrument}/{group}``        the visit's ledger record (404 if unknown)
 ``POST /visits/{instrument}/{group}/abort`` end the visit's waits and note the abort in the ledger
 ``GET /healthz``                            broker and Redis reachability (always 200)
@@ -11,8 +12,10 @@
 
 When ``intake_token`` is set, every route but ``/healthz`` needs ``Authorization: Bearer
 <token>``. The body of ``POST /next-visit`` is read here with a size limit and parsed by
-:func:`~prompt_tasks.visit.parse_next_visit`, so an oversized body is refused before any
+:func:`~prompt_tasks.model.visit.parse_next_visit`, so an oversized body is refused before any
 parsing, and every rejection has the same shape (:func:`~prompt_tasks.intake.errors.error_body`).
+Every rejection (4xx) is logged, one line with its code, the fields at fault and the client's
+address, and counted by code in the metrics counter ``intake_rejections`` (``/metrics``).
 Neither the token nor bodies are logged.
 """
 
@@ -36,25 +39,32 @@ from starlette.concurrency import run_in_threadpool
 
 from prompt_tasks.context import Context
 from prompt_tasks.errors import InvalidVisit, PromptTasksError, RetryLater
+from prompt_tasks.flow.router import announce
 from prompt_tasks.intake.errors import (
     BodyTooLarge,
+    ConflictingVisit,
     Unauthorized,
     UnknownVisit,
     error_body,
     http_error,
 )
 from prompt_tasks.logs import bound
+from prompt_tasks.model.visit import NextVisit, parse_next_visit, visit_differences
 from prompt_tasks.settings import Settings
-from prompt_tasks.visit import NextVisit, parse_next_visit
+from prompt_tasks.store import metrics
+from prompt_tasks.store.arrivals import abort_visit
+from prompt_tasks.store.ledger import read_visit, set_fields, visit_key
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Abort", "Accepted", "ErrorBody", "Health", "create_api", "submit"]
+__all__ = ["REJECTIONS", "Abort", "Accepted", "ErrorBody", "Health", "create_api", "submit"]
 
 log = logging.getLogger(__name__)
 
 _INSTRUMENT = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+#: Metrics counter of rejected requests, by ``reason`` (the error code).
+REJECTIONS = "intake_rejections"
 
 
 class Accepted(BaseModel):
@@ -102,6 +112,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (401, "missing or wrong bearer token"),
         (404, "unknown visit"),
+        (409, "the visit was announced with another body: the fields that differ"),
         (413, "body over the size limit"),
         (422, "invalid input, with the fields at fault"),
         (503, "broker or Redis unreachable"),
@@ -124,16 +135,29 @@ _UNREACHABLE = _unreachable_errors()
 def submit(celery_app: Celery, ctx: Context, visit: NextVisit) -> Accepted:
     """Announce ``visit`` (its one ``detector`` only, in the fan-out form) and say how it went.
 
-    Connection failures towards the broker or Redis become :class:`RetryLater`.
+    Connection failures towards the broker or Redis become :class:`RetryLater`; a repeat
+    whose body announces another visit than the first raises :class:`ConflictingVisit`.
     """
-    from prompt_tasks.router import announce
 
     detectors = None if visit.detector is None else [visit.detector]
     try:
         result = announce(celery_app, ctx, visit.without_detector(), detectors=detectors)
+        if result.duplicate:
+            _check_same_visit(ctx, visit)
     except _UNREACHABLE as exc:
         raise RetryLater(f"cannot announce {visit.key}: {type(exc).__name__}") from exc
     return Accepted(key=result.key, duplicate=result.duplicate, detectors=list(result.detectors))
+
+
+def _check_same_visit(ctx: Context, visit: NextVisit) -> None:
+    """Raise :class:`ConflictingVisit` when the ledger's visit differs from ``visit``."""
+    stored = ctx.redis.hget(visit_key(visit.instrument, visit.groupId), "visit")
+    if not stored:
+        return
+    differ = visit_differences(parse_next_visit(stored), visit)
+    if differ:
+        errors = [{"field": name, "reason": "differs from the visit announced first"} for name in differ]
+        raise ConflictingVisit(f"{visit.key} was announced with other {', '.join(differ)}", errors)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -182,22 +206,43 @@ def _error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
+def _count_rejection(ctx: Context, code: str) -> None:
+    try:
+        metrics.count(ctx.redis, REJECTIONS, reason=code)
+    except Exception as exc:  # noqa: BLE001 - a rejection is answered even when Redis is not there
+        log.warning("rejection not counted (%s)", type(exc).__name__)
+
+
+async def _rejected(request: Request, exc: PromptTasksError) -> None:
+    """Log one line for a rejected request (code, fields, client; never the body) and count it."""
+    _, code = http_error(exc)
+    fields = [str(e.get("field", "")) for e in getattr(exc, "errors", [])][:8]
+    client = request.client.host if request.client is not None else "unknown"
+    where = f" field {', '.join(f[:64] for f in fields)}" if fields else ""
+    log.warning("rejected %s %s: %s%s from %s", request.method, request.url.path[:128], code, where, client)
+    await run_in_threadpool(_count_rejection, request.app.state.context, code)
+
+
 def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(PromptTasksError)
-    async def _known(_: Request, exc: PromptTasksError) -> JSONResponse:
+    async def _known(request: Request, exc: PromptTasksError) -> JSONResponse:
         status, code = http_error(exc)
         if status >= 500:
             log.error("intake error %s: %s", code, exc)
+        else:
+            await _rejected(request, exc)
         return _error_response(exc)
 
     @api.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {"field": ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "path", "query"))
              or "body", "reason": str(e.get("msg", "invalid"))}
             for e in exc.errors()
         ]
-        return _error_response(InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors), errors))
+        invalid = InvalidVisit("; ".join(f"{e['field']}: {e['reason']}" for e in errors), errors)
+        await _rejected(request, invalid)
+        return _error_response(invalid)
 
     async def _unreachable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("intake: broker or Redis unreachable (%s)", type(exc).__name__)
@@ -289,7 +334,6 @@ def create_api(settings: Settings, celery_app: Celery) -> FastAPI:
              summary="A visit's ledger record")
     def visit_record(instrument: str, group: str) -> dict[str, Any]:
         """The ledger record of a visit: per detector, the time of every stage and its status."""
-        from prompt_tasks.ledger import read_visit, visit_key
 
         _check_ids(instrument, group)
         record = read_visit(ctx.redis, instrument, group)
@@ -306,8 +350,6 @@ def create_api(settings: Settings, celery_app: Celery) -> FastAPI:
               dependencies=auth, responses=_ERRORS, summary="Abort a visit")
     def abort(instrument: str, group: str, reason: str = "aborted") -> Abort:
         """End every wait of the visit now and note the abort in its ledger record."""
-        from prompt_tasks.arrivals import abort_visit
-        from prompt_tasks.ledger import set_fields, visit_key
 
         _check_ids(instrument, group)
         reason = reason[:200]

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from prompt_tasks.fleet.controller import QueueController
+from prompt_tasks.fleet.prometheus import MetricsServer
 from prompt_tasks.intake.http import create_api
 from prompt_tasks.intake.stream import StreamConsumer
 
@@ -56,7 +58,7 @@ class IntakeService:
     instruments: Iterable[str] | None = None
     stream: bool = True
     controller: bool = True
-    #: Serve ``/metrics`` on ``settings.metrics_port`` (:mod:`prompt_tasks.exporter`).
+    #: Serve ``/metrics`` on ``settings.metrics_port`` (:mod:`prompt_tasks.fleet.prometheus`).
     metrics: bool = True
     window_s: float = 0.5
 
@@ -99,15 +101,11 @@ class IntakeService:
     def _start_parts(self) -> list[Any]:
         parts: list[Any] = []
         if self.metrics:
-            from prompt_tasks.exporter import MetricsServer
-
             try:
                 parts.append(MetricsServer(self.celery_app, self.settings).start())
             except OSError:  # the port is taken: visits matter more than their metrics
                 log.exception("metrics endpoint not started on port %d", self.settings.metrics_port)
         if self.controller:
-            from prompt_tasks.controller import QueueController
-
             controller = QueueController(self.celery_app, self.settings)
             controller.start()
             parts.append(controller)

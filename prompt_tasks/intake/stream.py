@@ -29,8 +29,12 @@ import redis as redis_lib
 
 from prompt_tasks.context import Context
 from prompt_tasks.errors import InvalidVisit
+from prompt_tasks.flow.dispatcher import known_instruments
+from prompt_tasks.flow.router import announce
 from prompt_tasks.logs import bound
-from prompt_tasks.visit import NextVisit, parse_next_visit
+from prompt_tasks.model.visit import NextVisit, parse_next_visit
+from prompt_tasks.store.keys import STREAM_PREFIX, stream_key
+from prompt_tasks.store.metrics import count
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -39,28 +43,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_GROUP",
-    "STREAM_PREFIX",
     "Gatherer",
     "Gathering",
     "StreamConsumer",
     "StreamMessage",
     "parse_message",
-    "stream_name",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Streams are named ``instrument:<name>``.
-STREAM_PREFIX = "instrument:"
 #: The consumer group every intake process joins.
 DEFAULT_GROUP = "prompt-tasks-intake"
-#: Metrics counter (see :mod:`prompt_tasks.metrics`) of stream messages, by outcome.
+#: Metrics counter (see :mod:`prompt_tasks.store.metrics`) of stream messages, by outcome.
 METRIC = "intake_stream_messages"
-
-
-def stream_name(instrument: str) -> str:
-    """The fan-out stream of ``instrument``."""
-    return f"{STREAM_PREFIX}{instrument}"
 
 
 @dataclass(frozen=True)
@@ -180,7 +175,7 @@ class StreamConsumer:
     claim_idle_s
         Messages pending that long in another consumer are claimed.
     announce
-        ``announce(visit, detectors)``; default: :func:`prompt_tasks.router.announce`.
+        ``announce(visit, detectors)``; default: :func:`prompt_tasks.flow.router.announce`.
     """
 
     def __init__(
@@ -295,7 +290,7 @@ class StreamConsumer:
 
     def refresh_streams(self) -> list[str]:
         """Settle which streams to read and make sure the group exists on each."""
-        names = {stream_name(i) for i in (self.instruments if self.instruments is not None else _known())}
+        names = {stream_key(i) for i in (self.instruments if self.instruments is not None else _known())}
         if self.discover:
             for key in self.client.scan_iter(match=f"{STREAM_PREFIX}*", count=500, _type="STREAM"):
                 names.add(_text(key))
@@ -390,14 +385,10 @@ class StreamConsumer:
                 pipe.execute()
 
     def _count(self, outcome: str, amount: int = 1) -> None:
-        from prompt_tasks.metrics import count
-
         with contextlib.suppress(redis_lib.RedisError):
             count(self.client, METRIC, amount, outcome=outcome)
 
     def _router_announce(self, visit: NextVisit, detectors: list[int]) -> Any:
-        from prompt_tasks.router import announce
-
         if self._context is None:
             self._context = Context(self.settings)
         return announce(self.celery_app, self._context, visit, detectors=detectors)
@@ -405,6 +396,5 @@ class StreamConsumer:
 
 def _known() -> list[str]:
     """The instruments the fleet knows."""
-    from prompt_tasks.dispatcher import known_instruments
 
     return sorted(known_instruments())

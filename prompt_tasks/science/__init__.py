@@ -1,11 +1,9 @@
-"""The science payload: PipelineTasks for SimCam (numpy/scipy/astropy) and their runner.
+"""The science payload: the demo pipelines' PipelineTasks and their runner.
 
-One module per task: :mod:`.isr`, :mod:`.calibrate`, :mod:`.subtract`, :mod:`.detect`,
-:mod:`.associate`, :mod:`.alerts`, :mod:`.metrics`, :mod:`.calib_verify`, :mod:`.trivial`;
-shared pixel and catalogue helpers in :mod:`.imaging` and :mod:`.matching`; storage-class
-formatters in :mod:`.formatters`; :mod:`.runner` executes a pipeline in-process;
-:mod:`.recovery` scores DIA sources against the simulator's ground truth. The pipeline
-YAML files live with the instrument (``prompt_tasks/instruments/simcam/pipelines``).
+One module per task (:mod:`.isr`, :mod:`.calibrate`, :mod:`.subtract`, :mod:`.detect`,
+:mod:`.associate`, :mod:`.alerts`, :mod:`.metrics`, :mod:`.calib_verify`, :mod:`.trivial`), built
+on photutils, reproject and astropy; shared helpers in :mod:`.imaging` and :mod:`.matching`;
+:mod:`.runner` runs a pipeline in-process. The pipeline YAML files live with the instrument.
 """
 
 __all__: list[str] = []

@@ -1,9 +1,8 @@
 """Per visit-detector quality metrics of the AP pipeline, as a small JSON-able dict.
 
-What a night operator or the visit summary wants at a glance: image quality (PSF FWHM, sky,
-noise), calibration (astrometric offset and scatter, zero point), subtraction (template
-coverage, difference noise relative to the expected), and the DIA yield (sources by sign,
-new objects, alerts).
+What a night operator wants at a glance: image quality (PSF FWHM, sky, noise), calibration
+(astrometric offset and scatter, zero point), subtraction (template coverage, difference noise
+relative to the expected) and the DIA yield (sources by sign, new objects, alerts).
 """
 
 from __future__ import annotations
@@ -21,122 +20,62 @@ from prompt_tasks.science.alerts import read_alerts
 
 __all__ = ["ApMetricsConfig", "ApMetricsConnections", "ApMetricsTask", "ap_metrics"]
 
-_VISIT_DIMENSIONS = ("instrument", "visit", "detector")
+_VISIT = ("instrument", "visit", "detector")
 
 
-class ApMetricsConnections(
-    pipe_base.PipelineTaskConnections, dimensions=_VISIT_DIMENSIONS
-):
+class ApMetricsConnections(pipe_base.PipelineTaskConnections, dimensions=_VISIT):
     """Products of the AP pipeline in; one metrics dict out."""
 
-    science = cT.Input(
-        name="visit_image",
-        storageClass="CCDImage",
-        doc="Visit image.",
-        dimensions=_VISIT_DIMENSIONS,
-    )
-    difference = cT.Input(
-        name="difference_image",
-        storageClass="CCDImage",
-        doc="Difference image.",
-        dimensions=_VISIT_DIMENSIONS,
-    )
-    dia_sources = cT.Input(
-        name="dia_source",
-        storageClass="ArrowAstropy",
-        doc="Associated DIA sources.",
-        dimensions=_VISIT_DIMENSIONS,
-    )
-    dia_objects = cT.Input(
-        name="dia_object",
-        storageClass="ArrowAstropy",
-        doc="DIA objects touched.",
-        dimensions=_VISIT_DIMENSIONS,
-    )
-    alerts = cT.Input(
-        name="alert_packet",
-        storageClass="AlertPacket",
-        doc="Avro alerts.",
-        dimensions=_VISIT_DIMENSIONS,
-    )
-    metrics = cT.Output(
-        name="ap_metrics",
-        storageClass="StructuredDataDict",
-        doc="Quality and yield metrics of the visit-detector.",
-        dimensions=_VISIT_DIMENSIONS,
-    )
+    science = cT.Input(name="visit_image", storageClass="CCDImage", doc="Visit image.", dimensions=_VISIT)
+    difference = cT.Input(name="difference_image", storageClass="CCDImage", doc="Difference image.", dimensions=_VISIT)
+    dia_sources = cT.Input(name="dia_source", storageClass="ArrowAstropy", doc="Associated DIA sources.",
+                           dimensions=_VISIT)
+    dia_objects = cT.Input(name="dia_object", storageClass="ArrowAstropy", doc="DIA objects touched.",
+                           dimensions=_VISIT)
+    alerts = cT.Input(name="alert_packet", storageClass="AlertPacket", doc="Avro alerts.", dimensions=_VISIT)
+    metrics = cT.Output(name="ap_metrics", storageClass="StructuredDataDict", dimensions=_VISIT,
+                        doc="Quality and yield metrics of the visit-detector.")
 
 
-class ApMetricsConfig(
-    pipe_base.PipelineTaskConfig, pipelineConnections=ApMetricsConnections
-):
+class ApMetricsConfig(pipe_base.PipelineTaskConfig, pipelineConnections=ApMetricsConnections):
     """No options: the metrics are fixed."""
 
 
-def _header_number(header: Any, key: str) -> float | None:
+def _number(header: Any, key: str) -> float | None:
     """A numeric header value, None when absent or flagged unmeasured (-99)."""
     value = header.get(key)
-    if value is None:
-        return None
-    value = float(value)
-    return None if not math.isfinite(value) or value == -99.0 else value
+    return None if value is None or not math.isfinite(float(value)) or float(value) == -99.0 else float(value)
 
 
-def ap_metrics(
-    science: CCDData,
-    difference: CCDData,
-    dia_sources: Table,
-    dia_objects: Table,
-    n_alerts: int,
-) -> dict[str, Any]:
+def ap_metrics(science: CCDData, difference: CCDData, dia_sources: Table, dia_objects: Table,
+               n_alerts: int) -> dict[str, Any]:
     """The metrics dict (plain JSON types) of one visit-detector."""
     sci, diff = science.meta, difference.meta
-    negative = (
-        np.asarray(dia_sources["isNegative"], dtype=bool)
-        if "isNegative" in dia_sources.colnames
-        else np.zeros(len(dia_sources), bool)
-    )
-    new = (
-        np.asarray(dia_objects["isNew"], dtype=bool)
-        if "isNew" in dia_objects.colnames
-        else np.zeros(len(dia_objects), bool)
-    )
+    negative, new = (np.asarray(t[c], bool) if c in t.colnames else np.zeros(len(t), bool)
+                     for t, c in ((dia_sources, "isNegative"), (dia_objects, "isNew")))
     expected = None
     if science.uncertainty is not None:
-        sigma = np.asarray(science.uncertainty.array, dtype=np.float64)
-        good = (
-            ~np.asarray(difference.mask, dtype=bool)
-            if difference.mask is not None
-            else np.ones(sigma.shape, bool)
-        )
-        if good.any():
-            expected = float(np.median(sigma[good]))
-    noise = _header_number(diff, "DIFNOISE")
+        sigma = np.asarray(science.uncertainty.array, np.float64)
+        good = np.ones(sigma.shape, bool) if difference.mask is None else ~np.asarray(difference.mask, bool)
+        expected = float(np.median(sigma[good])) if good.any() else None
+    noise = _number(diff, "DIFNOISE")
+    # A science image pre-convolved for PSF matching has its noise smoothed by the template's PSF.
+    smoothing = float(diff.get("PRECONV", 0.0) or 0.0)
+    if expected and smoothing > 0:
+        expected /= 2 * math.sqrt(math.pi) * smoothing
     return {
-        "n_snaps": int(sci.get("NSNAPS", 1)),
-        "exposure_time": _header_number(sci, "EXPTIME"),
-        "psf_fwhm_arcsec": _header_number(sci, "PSFFWHM"),
-        "sky_background": _header_number(sci, "BGMEAN"),
-        "pixel_noise": _header_number(sci, "BGNOISE"),
-        "n_calibration_stars": int(sci.get("NSTARS", 0)),
+        "n_snaps": int(sci.get("NSNAPS", 1)), "exposure_time": _number(sci, "EXPTIME"),
+        "psf_fwhm_arcsec": _number(sci, "PSFFWHM"), "sky_background": _number(sci, "BGMEAN"),
+        "pixel_noise": _number(sci, "BGNOISE"), "n_calibration_stars": int(sci.get("NSTARS", 0)),
         "n_refcat_matches": int(sci.get("ASTNMAT", 0)),
-        "astrometric_offset_ra_arcsec": _header_number(sci, "ASTOFFRA"),
-        "astrometric_offset_dec_arcsec": _header_number(sci, "ASTOFFDE"),
-        "astrometric_scatter_arcsec": _header_number(sci, "ASTRMS"),
-        "zero_point": _header_number(sci, "MAGZERO1"),
-        "template_coverage": _header_number(diff, "TMPLCOV"),
-        "template_scale": _header_number(diff, "TMPLSCAL"),
-        "psf_matching": str(diff.get("PSFMATCH", "")),
-        "difference_noise": noise,
-        "difference_noise_ratio": noise / expected
-        if noise is not None and expected
-        else None,
-        "n_dia_sources": len(dia_sources),
-        "n_positive": int((~negative).sum()),
-        "n_negative": int(negative.sum()),
-        "n_dia_objects_touched": len(dia_objects),
-        "n_new_dia_objects": int(new.sum()),
-        "n_alerts": int(n_alerts),
+        "astrometric_offset_ra_arcsec": _number(sci, "ASTOFFRA"),
+        "astrometric_offset_dec_arcsec": _number(sci, "ASTOFFDE"),
+        "astrometric_scatter_arcsec": _number(sci, "ASTRMS"), "zero_point": _number(sci, "MAGZERO1"),
+        "template_coverage": _number(diff, "TMPLCOV"), "template_scale": _number(diff, "TMPLSCAL"),
+        "psf_matching": str(diff.get("PSFMATCH", "")), "difference_noise": noise,
+        "difference_noise_ratio": noise / expected if noise is not None and expected else None,
+        "n_dia_sources": len(dia_sources), "n_positive": int((~negative).sum()), "n_negative": int(negative.sum()),
+        "n_dia_objects_touched": len(dia_objects), "n_new_dia_objects": int(new.sum()), "n_alerts": int(n_alerts),
     }
 
 
@@ -147,18 +86,9 @@ class ApMetricsTask(pipe_base.PipelineTask):
     config: ApMetricsConfig
     _DefaultName = "apMetrics"
 
-    def run(
-        self,
-        science: CCDData,
-        difference: CCDData,
-        dia_sources: Table,
-        dia_objects: Table,
-        alerts: bytes,
-    ) -> pipe_base.Struct:
+    def run(self, science: CCDData, difference: CCDData, dia_sources: Table, dia_objects: Table,
+            alerts: bytes) -> pipe_base.Struct:
         """Return ``metrics``."""
-        _, records = read_alerts(alerts)
-        metrics = ap_metrics(
-            science, difference, dia_sources, dia_objects, len(records)
-        )
+        metrics = ap_metrics(science, difference, dia_sources, dia_objects, len(read_alerts(alerts)[1]))
         self.log.info("Metrics: %s", metrics)
         return pipe_base.Struct(metrics=metrics)

@@ -1,8 +1,6 @@
 """A deliberately cheap task: read a raw, write three numbers about it.
 
-The ``Trivial`` pipeline runs only this, so a benchmark at 189 detectors measures the
-framework (events, routing, preload, ingest, quantum graph, execution, export) and not the
-science.
+The ``Trivial`` pipeline runs only this: a benchmark at 189 detectors measures the framework.
 """
 
 from __future__ import annotations
@@ -15,36 +13,21 @@ from astropy.nddata import CCDData
 
 __all__ = ["TrivialConfig", "TrivialConnections", "TrivialTask"]
 
-_EXPOSURE_DIMENSIONS = ("instrument", "exposure", "detector")
+_EXPOSURE = ("instrument", "exposure", "detector")
 
 
-class TrivialConnections(
-    pipe_base.PipelineTaskConnections, dimensions=_EXPOSURE_DIMENSIONS
-):
+class TrivialConnections(pipe_base.PipelineTaskConnections, dimensions=_EXPOSURE):
     """A raw in, a tiny summary out."""
 
-    raw = cT.Input(
-        name="raw",
-        storageClass="CCDImage",
-        doc="Raw snap.",
-        dimensions=_EXPOSURE_DIMENSIONS,
-    )
-    summary = cT.Output(
-        name="raw_summary",
-        storageClass="StructuredDataDict",
-        doc="Median, minimum and maximum pixel value of the raw.",
-        dimensions=_EXPOSURE_DIMENSIONS,
-    )
+    raw = cT.Input(name="raw", storageClass="CCDImage", doc="Raw snap.", dimensions=_EXPOSURE)
+    summary = cT.Output(name="raw_summary", storageClass="StructuredDataDict", dimensions=_EXPOSURE,
+                        doc="Median, minimum and maximum pixel value of the raw.")
 
 
-class TrivialConfig(
-    pipe_base.PipelineTaskConfig, pipelineConnections=TrivialConnections
-):
+class TrivialConfig(pipe_base.PipelineTaskConfig, pipelineConnections=TrivialConnections):
     """Sampling stride of the statistics."""
 
-    stride = pex_config.Field[int](
-        doc="Use every stride-th pixel of each axis.", default=8
-    )
+    stride = pex_config.Field[int](doc="Use every stride-th pixel of each axis.", default=8)
 
 
 class TrivialTask(pipe_base.PipelineTask):
@@ -57,11 +40,5 @@ class TrivialTask(pipe_base.PipelineTask):
     def run(self, raw: CCDData) -> pipe_base.Struct:
         """Return ``summary``."""
         sample = np.asarray(raw.data)[:: self.config.stride, :: self.config.stride]
-        return pipe_base.Struct(
-            summary={
-                "median": float(np.median(sample)),
-                "min": float(sample.min()),
-                "max": float(sample.max()),
-                "shape": list(raw.data.shape),
-            }
-        )
+        return pipe_base.Struct(summary={"median": float(np.median(sample)), "min": float(sample.min()),
+                                         "max": float(sample.max()), "shape": list(raw.data.shape)})

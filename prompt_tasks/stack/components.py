@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from prompt_tasks.fleet.roles import ROLES, Role, detector_hostname
 from prompt_tasks.settings import Settings
 from prompt_tasks.stack.servers import (
     redis_argv,
@@ -23,7 +24,6 @@ from prompt_tasks.stack.servers import (
     s3_env,
     s3_signature,
 )
-from workers import ROLES, Role, detector_hostname
 
 __all__ = [
     "Component",

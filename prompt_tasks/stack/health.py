@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import redis
 import urllib3
 
+from prompt_tasks.celery import create_app
 from prompt_tasks.objstore import health_live
 from prompt_tasks.settings import Settings
 
@@ -69,7 +70,6 @@ def node_name(prefix: str, host: str | None = None) -> str:
 
 def celery_ping(settings: Settings, prefixes: Iterable[str], timeout: float = 1.0) -> set[str]:
     """The node-name prefixes among ``prefixes`` whose worker (on this host) answers ping."""
-    from prompt_tasks.celery import create_app
 
     wanted = {node_name(prefix): prefix for prefix in prefixes}
     if not wanted:

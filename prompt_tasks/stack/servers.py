@@ -80,6 +80,7 @@ def redis_argv(settings: Settings, data_dir: Path, aof: bool | None = None) -> l
     """Command line of the private Redis of ``settings``.
 
     A password goes in a config file (see :func:`write_redis_config`), never on the command line.
+    Protected mode stays on: without a password, Redis answers loopback clients only.
     """
     aof = settings.redis_aof if aof is None else aof
     config = [str(data_dir / "auth.conf")] if settings.redis_password else []
@@ -92,7 +93,6 @@ def redis_argv(settings: Settings, data_dir: Path, aof: bool | None = None) -> l
         "--save", "",
         "--appendonly", "yes" if aof else "no",
         "--appendfsync", "everysec",
-        "--protected-mode", "no",
         "--daemonize", "no",
         "--maxclients", "10000",
     ]

@@ -33,6 +33,12 @@ def _translate(header: Mapping[str, Any], **kwargs: Any) -> dict[str, list[dict[
     return records_from_header(header, **kwargs)
 
 
+def _read_camera(butler: Any) -> Mapping[str, Any] | None:
+    from prompt_tasks.instruments.simcam.central import read_camera
+
+    return read_camera(butler)
+
+
 def _seed_config() -> Any:
     from prompt_tasks.instruments.simcam.formatter import seed_config
 
@@ -47,4 +53,6 @@ PLUGIN = InstrumentPlugin(
     translator=_translate,
     pipelines_dir=Path(__file__).with_name("pipelines"),
     seed_config=_seed_config,
+    read_camera=_read_camera,
+    commands="prompt_tasks.cli.simcam",
 )

@@ -24,11 +24,17 @@ from typing import Any
 
 import httpx
 import numpy as np
+import urllib3
+from minio.error import MinioException
 
 from prompt_tasks.instruments.simcam.config import SimConfig
 from prompt_tasks.instruments.simcam.geometry import physical_filter
 from prompt_tasks.instruments.simcam.raws import CALIBRATION_EXPTIME
 from prompt_tasks.instruments.simcam.visits import READOUT_S, VisitSpec
+from prompt_tasks.intake.client import IntakeClient
+from prompt_tasks.model.objectkeys import format_key
+from prompt_tasks.objstore import make_client
+from prompt_tasks.store.keys import stream_key
 
 __all__ = [
     "TAI_MINUS_UTC",
@@ -41,8 +47,10 @@ __all__ = [
     "plan_night",
     "raw_key",
     "recovered",
+    "retrying",
     "run_night",
     "tai_now",
+    "undelivered_lines",
 ]
 
 #: TAI − UTC (s), constant since 2017-01-01 (no leap second announced since).
@@ -175,7 +183,6 @@ def fanout_messages(visit: PlannedVisit, detectors: Sequence[int], instrument: s
 
 def raw_key(config: SimConfig, spec: VisitSpec, detector: int, snap: int, instrument: str = "SimCam") -> str:
     """The object key of a raw (the instrument's key scheme, ``<obs_id>_<Rxx_Syy>.fits``)."""
-    from prompt_tasks.keys import format_key
 
     seq_num = spec.exposure(snap) % 100000
     obs_id = f"SC_O_{spec.day_obs}_{seq_num:06d}"
@@ -197,17 +204,56 @@ class NightReport:
     truth: dict[int, int]
     #: Transients recovered per visit (None: the APDB could not be read).
     recovery: dict[int, Any] = field(default_factory=dict)
+    #: Raws that could not be PUT even after retrying: key → why.
+    undelivered: dict[str, str] = field(default_factory=dict)
+    #: Detectors each visit was read out on.
+    n_detectors: int = 0
+
+
+#: What an unreachable object store, intake or Redis raises (retried, then reported).
+_TRANSIENT: tuple[type[BaseException], ...] = (MinioException, urllib3.exceptions.HTTPError, OSError,
+                                               httpx.TransportError)
+
+
+def retrying(call: Callable[[], Any], retry_s: float, what: str, log: Callable[[str], None]) -> Any:
+    """``call()``, retried with exponential backoff (0.25 s doubling to 4 s) for up to ``retry_s``
+    on connection errors; the last error is raised after that."""
+    delay, end, logged = 0.25, time.monotonic() + retry_s, False
+    while True:
+        try:
+            return call()
+        except _TRANSIENT as exc:
+            if time.monotonic() + delay > end:
+                raise
+            if not logged:
+                log(f"{what}: {type(exc).__name__}; retrying for up to {retry_s:.0f} s")
+                logged = True
+            time.sleep(delay)
+            delay = min(delay * 2, 4.0)
+
+
+def undelivered_lines(report: NightReport, plan: Sequence[PlannedVisit]) -> list[str]:
+    """What the night could not deliver, one line per visit; a visit never announced, or none
+    of whose raws arrived, is named lost."""
+    lines = []
+    for p in plan:
+        keys = sorted(key for key in report.undelivered if f"/{p.spec.group}/" in key)
+        if p.index in report.rejected:
+            lines.append(f"visit #{p.index} {p.spec.group} lost: not announced ({report.rejected[p.index]})")
+        elif keys:
+            lost = " lost:" if len(keys) >= p.spec.snaps * max(report.n_detectors, 1) else ":"
+            lines.append(f"visit #{p.index} {p.spec.group}{lost} {len(keys)} raws not delivered "
+                         f"({report.undelivered[keys[0]]})")
+    return lines
 
 
 class _Summit:
     """The clients a night uses: the intake (or the fan-out stream) and the raw bucket."""
 
     def __init__(self, settings: Any, config: SimConfig, detectors: Sequence[int], via: str,
-                 log: Callable[[str], None]) -> None:
-        from prompt_tasks.intake.client import IntakeClient
-        from prompt_tasks.objstore import make_client
-
+                 log: Callable[[str], None], retry_s: float = 30.0) -> None:
         self.settings, self.config, self.detectors, self.via, self.log = settings, config, detectors, via, log
+        self.retry_s = retry_s
         self.intake = IntakeClient.from_settings(settings)
         self.s3 = make_client(settings)
 
@@ -215,31 +261,48 @@ class _Summit:
         self.intake.close()
 
     def announce(self, visit: PlannedVisit) -> str | None:
-        """Publish ``visit``'s next_visit; None when accepted, else why not."""
+        """Publish ``visit``'s next_visit (retried while the intake or Redis is unreachable);
+        None when accepted, else why not."""
         if self.via == "stream":
             import redis as redis_lib
 
-            from prompt_tasks.intake.stream import stream_name
 
             client = redis_lib.Redis.from_url(self.settings.events_redis, decode_responses=True)
+
+            def publish() -> None:
+                try:
+                    pipe = client.pipeline(transaction=False)
+                    for message in fanout_messages(visit, self.detectors):
+                        pipe.xadd(stream_key("SimCam"), message)  # type: ignore[arg-type]
+                    pipe.execute()  # all of a visit's messages, or none
+                except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+                    raise ConnectionError(str(exc)) from exc
+
             try:
-                for message in fanout_messages(visit, self.detectors):
-                    client.xadd(stream_name("SimCam"), message)  # type: ignore[arg-type]
-            except redis_lib.RedisError as exc:
+                retrying(publish, self.retry_s, f"next_visit {visit.spec.group}", self.log)
+            except (redis_lib.RedisError, OSError) as exc:
                 return f"fan-out stream: {exc}"
             finally:
                 client.close()
             return None
-        try:
+
+        def post() -> Any:
             outcome = self.intake.next_visit(json.dumps(next_visit_body(visit)))
-        except httpx.HTTPError as exc:
+            if outcome.status == 503:  # the intake is up, its broker or Redis is not
+                raise ConnectionError(outcome.describe())
+            return outcome
+
+        try:
+            outcome = retrying(post, self.retry_s, f"next_visit {visit.spec.group}", self.log)
+        except (httpx.HTTPError, OSError) as exc:
             return f"intake: {exc}"
         return None if outcome.accepted else outcome.describe()
 
     def put(self, key: str, data: bytes) -> None:
-        """PUT one raw."""
-        self.s3.put_object(self.settings.raw_bucket, key, io.BytesIO(data), len(data),
-                           content_type="application/fits")
+        """PUT one raw, retried while the object store is unreachable."""
+        retrying(lambda: self.s3.put_object(self.settings.raw_bucket, key, io.BytesIO(data), len(data),
+                                            content_type="application/fits"),
+                 self.retry_s, f"PUT {key}", self.log)
 
     def ledger(self, group: str) -> dict[str, Any] | None:
         """The ledger record of a visit (None if unknown or unreachable)."""
@@ -253,7 +316,7 @@ class _Summit:
 
 def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], detectors: Sequence[int], *,
               progress: Any = None, wait_s: float = 120.0, log: Callable[[str], None] = print,
-              threads: int = 4, via: str = "http") -> NightReport:
+              threads: int = 4, via: str = "http", retry_s: float = 30.0) -> NightReport:
     """Play ``plan`` against the stack of ``settings``; return what happened.
 
     ``via`` is ``http`` (POST the summit event to the intake; the stack picks the detectors)
@@ -262,6 +325,10 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
     Raws are simulated in threads from the moment a visit is announced. After the last PUT,
     waits up to ``wait_s`` for every visit's summary in the ledger, then scores transient
     recovery from the APDB.
+
+    The object store, the intake and Redis are retried with backoff for up to ``retry_s``
+    per call; what still fails is recorded (``report.rejected``, ``report.undelivered``: see
+    :func:`undelivered_lines`) and the night goes on.
     """
     from prompt_tasks.instruments.simcam.raws import simulate_visit
     from prompt_tasks.instruments.simcam.sky import Sky
@@ -269,11 +336,11 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
     sky = Sky(config)
     by_index = {p.index: p for p in plan}
     raws: dict[int, Future[dict[tuple[int, int], bytes]]] = {}
-    report = NightReport({}, {}, 0, 0, {}, {})
+    report = NightReport({}, {}, 0, 0, {}, {}, n_detectors=len(detectors))
     n_raws = sum(p.spec.snaps for p in plan) * len(detectors)
     bar_visits = progress.add_task("visits announced", total=len(plan)) if progress else None
     bar_raws = progress.add_task("raws delivered", total=n_raws) if progress else None
-    summit = _Summit(settings, config, detectors, via, log)
+    summit = _Summit(settings, config, detectors, via, log, retry_s=retry_s)
     try:
         with ThreadPoolExecutor(threads) as pool:
             for event in events_of(plan):
@@ -294,10 +361,17 @@ def run_night(settings: Any, config: SimConfig, plan: Sequence[PlannedVisit], de
                 images = raws[event.visit].result()
                 report.late_puts += int(tai_now() - event.at > 1.0)
                 keys = [raw_key(config, visit.spec, det, event.snap) for det in detectors]
-                for future in [pool.submit(summit.put, key, images[(det, event.snap)])
-                               for key, det in zip(keys, detectors, strict=False)]:
-                    future.result()
-                report.put += len(keys)
+                puts = {key: pool.submit(summit.put, key, images[(det, event.snap)])
+                        for key, det in zip(keys, detectors, strict=False)}
+                for key, future in puts.items():
+                    try:
+                        future.result()
+                        report.put += 1
+                    except _TRANSIENT as exc:
+                        report.undelivered[key] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                failed = [key for key in keys if key in report.undelivered]
+                if failed:
+                    log(f"visit {visit.spec.group} snap {event.snap}: {len(failed)} raws not delivered")
                 if progress:
                     progress.advance(bar_raws, len(keys))
                 if event.snap == visit.spec.snaps - 1:
@@ -336,7 +410,7 @@ def recovered(settings: Any, config: SimConfig, spec: VisitSpec, truths: dict[in
     A transient counts as injected when its difference-image flux is brighter than
     ``mag_limit`` (a variable near its mean shows nothing to find).
     """
-    from prompt_tasks.central import apdb_config_path
+    from prompt_tasks.instruments.simcam.central import apdb_config_path
     from prompt_tasks.instruments.simcam.recovery import Recovery, apdb_sources, score
 
     path = apdb_config_path(settings)

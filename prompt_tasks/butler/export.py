@@ -1,0 +1,198 @@
+"""Export, compute side: a detector-visit's outputs written straight into the central datastore.
+
+A fleet shares no disk between hosts, so the compute worker that ran the pipeline does the
+heavy part of export itself: it copies each output file (and the raws, with
+``settings.export_raws``) from its local repo into the central repo's datastore (the object
+store, for an S3-backed central repo), at the same path relative to the datastore root, and
+queues an :class:`ExportMessage` holding what registration needs: the dataset refs (ids kept),
+the dimension records of their data ids and of the visit, and each file's path and formatter.
+The single registry writer (:mod:`prompt_tasks.butler.writer`) registers batches of these
+messages; it reads no compute host's disk.
+
+A file copy that fails is retried with backoff (:data:`COPY_ATTEMPTS`); after that the
+detector-visit fails with :class:`ExportWriteError` (its status and catch-up record say why).
+Copies overwrite: a rerun writes the same bytes to the same place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prompt_tasks.errors import PermanentError
+from prompt_tasks.store.keys import EXPORT_REQUESTS, export_done_key
+
+if TYPE_CHECKING:
+    import redis
+    from lsst.daf.butler import Butler, DatasetRef
+    from lsst.resources import ResourcePath
+
+__all__ = [
+    "COPY_ATTEMPTS",
+    "ExportMessage",
+    "ExportWriteError",
+    "StagedFile",
+    "enqueue",
+    "is_exported",
+    "pending",
+    "stage_outputs",
+    "wanted",
+]
+
+log = logging.getLogger(__name__)
+
+#: Attempts of one file copy into the central datastore, and the first backoff (doubled each time).
+COPY_ATTEMPTS = 4
+COPY_BACKOFF_S = 0.5
+#: Output dataset types never exported by default.
+_BOOKKEEPING_SUFFIXES = ("_metadata", "_log", "_config")
+
+
+class ExportWriteError(PermanentError):
+    """The outputs could not be written into the central datastore."""
+
+    code = "export_write"
+
+
+@dataclass
+class StagedFile:
+    """One file in the central datastore and the dataset it holds."""
+
+    #: ``DatasetRef.to_simple()`` of the dataset (its dataset type, data id, run and id).
+    ref: dict[str, Any]
+    #: Path relative to the central datastore's root.
+    path: str
+    #: Formatter class the local datastore wrote it with.
+    formatter: str | None = None
+
+
+@dataclass
+class ExportMessage:
+    """What the registry writer needs to register one detector-visit's outputs (JSON)."""
+
+    instrument: str
+    group: str
+    detector: int
+    run: str
+    files: list[StagedFile] = field(default_factory=list)
+    #: Dimension element → ``DimensionRecord.to_simple()`` dicts, dependencies first.
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: The datastore root the files were written under (the writer checks it is its own).
+    datastore_root: str = ""
+    enqueued: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        """JSON form (the Redis list item)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ExportMessage:
+        """Inverse of :meth:`to_json`; ``ValueError`` for anything else."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("an export message is a JSON object")
+        try:
+            files = [StagedFile(**f) for f in raw.pop("files", [])]
+            message = cls(files=files, **raw)
+        except TypeError as exc:
+            raise ValueError(f"not an export message: {exc}") from exc
+        if not isinstance(message.records, dict) or not message.run:
+            raise ValueError("an export message needs a run and a records mapping")
+        return message
+
+
+def wanted(name: str, dataset_types: Sequence[str] | None) -> bool:
+    """Whether outputs of ``name`` are exported (bookkeeping types are not, by default)."""
+    if dataset_types is not None:
+        return name in dataset_types
+    return not name.endswith(_BOOKKEEPING_SUFFIXES) and name != "packages"
+
+
+def enqueue(client: redis.Redis, message: ExportMessage) -> int:
+    """Hand ``message`` to the registry writer; the length of its list."""
+    return int(client.rpush(EXPORT_REQUESTS, message.to_json()))
+
+
+def pending(client: redis.Redis) -> int:
+    """Messages waiting for the registry writer."""
+    return int(client.llen(EXPORT_REQUESTS))
+
+
+def is_exported(client: redis.Redis, instrument: str, group: str, detector: int) -> bool:
+    """True once the registry writer has registered the detector-visit's outputs centrally."""
+    return bool(client.exists(export_done_key(instrument, group, detector)))
+
+
+def _visit_records(local: Butler, instrument: str, visit: int, detector: int) -> list[Any]:
+    """The visit's records an exposure's data id does not carry: the visit, its definitions and
+    system memberships, the detector's region (without them a graph on the visit is empty)."""
+    visit_id = {"instrument": instrument, "visit": visit}
+    out: list[Any] = []
+    for element, data_id in (("visit", visit_id), ("visit_definition", visit_id),
+                             ("visit_system_membership", visit_id),
+                             ("visit_detector_region", {**visit_id, "detector": detector})):
+        out += list(local.query_dimension_records(element, data_id=data_id, explain=False))
+    return out
+
+
+def dimension_records(local: Butler, refs: Iterable[DatasetRef], extra: Iterable[Any] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Every record the refs' data ids name (and ``extra``), by element, dependencies first."""
+    by_element: dict[str, dict[Any, Any]] = {}
+    for ref in refs:
+        expanded = local.registry.expandDataId(ref.dataId)
+        for element in expanded.dimensions.elements:
+            record = expanded.records[element]
+            if record is not None:
+                by_element.setdefault(element, {})[record.dataId.required_values] = record
+    for record in extra:
+        by_element.setdefault(record.definition.name, {})[record.dataId.required_values] = record
+    # Elements without a table of their own (``band``, a view of ``physical_filter``) are implied.
+    order = [e.name for e in local.dimensions.sorted(by_element) if e.has_own_table]
+    return {name: [r.to_simple().model_dump(mode="json") for r in by_element[name].values()] for name in order}
+
+
+def _copy(source: ResourcePath, target: ResourcePath) -> None:
+    """Copy one file, retried with backoff; :class:`ExportWriteError` when it keeps failing."""
+    delay = COPY_BACKOFF_S
+    for attempt in range(1, COPY_ATTEMPTS + 1):
+        try:
+            target.transfer_from(source, transfer="copy", overwrite=True)
+            return
+        except Exception as exc:
+            if attempt == COPY_ATTEMPTS:
+                raise ExportWriteError(f"export: writing {target} failed {attempt} times: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+            log.warning("export: writing %s failed (%s), retry %d in %.1f s", target, exc, attempt, delay)
+            time.sleep(delay)
+            delay *= 2
+
+
+def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str, group: str, detector: int,
+                  visit: int, run: str, outputs: Iterable[str], raws: Iterable[str],
+                  dataset_types: Sequence[str] | None) -> ExportMessage:
+    """Copy the detector-visit's outputs (and ``raws``) into the central datastore; the message.
+
+    ``outputs`` and ``raws`` are dataset ids of the local repo; outputs whose type is not
+    :func:`wanted` stay local.
+    """
+    refs = [ref for ref in local.get_many_datasets([uuid.UUID(i) for i in outputs])
+            if wanted(ref.datasetType.name, dataset_types)]
+    refs += list(local.get_many_datasets([uuid.UUID(i) for i in raws]))
+    local_root = local._datastore.root
+    message = ExportMessage(instrument, group, int(detector), run, datastore_root=str(central_root))
+    for ref in refs:
+        source = local.getURI(ref)
+        relative = source.relative_to(local_root)
+        if relative is None:
+            raise ExportWriteError(f"export: {source} is outside the local datastore {local_root}")
+        _copy(source, central_root.join(relative))
+        stored = local._datastore.getStoredItemsInfo(ref)
+        formatter = stored[0].formatter if stored else None
+        message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), relative, formatter))
+    message.records = dimension_records(local, refs, _visit_records(local, instrument, visit, detector))
+    return message

@@ -1,0 +1,266 @@
+"""Ingest: a detector-visit's snaps, from the raw bucket into the detector's local repo.
+
+For each snap the object is read with one GET; its header is checked against the visit
+(instrument, detector, group, filter) and against the object's size (a truncated file is
+refused before it reaches the repo), turned into dimension records by the instrument's header
+translator, and the same bytes are ingested (written beside the local datastore, then moved
+into it) with a deterministic dataset id (``DATAID_TYPE_RUN``): ingesting the same snap twice
+is a no-op.
+
+Every problem with a raw raises :class:`~prompt_tasks.errors.BadRaw` with a readable reason;
+records and datasets are written in one transaction per snap, so a refused raw leaves the
+local repo as it was. S3 access goes through lsst-resources, configured from the settings by
+:func:`prompt_tasks.objstore.configure_s3`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prompt_tasks.errors import BadRaw, RetryLater
+from prompt_tasks.objstore import configure_s3
+from prompt_tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from astropy.io.fits import Header
+    from lsst.daf.butler import Butler, DatasetRef
+
+__all__ = [
+    "IngestedSnap",
+    "RecordsFromHeader",
+    "VisitExpectation",
+    "check_header",
+    "fetch_raw",
+    "ingest_snap",
+    "ingest_snaps",
+    "parse_header",
+    "raw_uri",
+]
+
+#: Header translator: raw header → dimension records by element, in insertion order.
+RecordsFromHeader = Callable[[Mapping[str, Any]], dict[str, list[dict[str, Any]]]]
+#: FITS block size.
+_BLOCK = 2880
+#: Most bytes searched for the primary header's END card (a header of 1000 blocks is not a raw).
+_HEADER_SCAN = 1000 * _BLOCK
+
+
+def raw_uri(settings: Settings, key: str) -> str:
+    """The ``s3://`` URI of an object of the raw bucket."""
+    return f"s3://{settings.raw_bucket}/{key}"
+
+
+@dataclass(frozen=True)
+class VisitExpectation:
+    """What every raw of a detector-visit must say about itself."""
+
+    instrument: str
+    detector: int
+    group: str
+    physical_filter: str = ""
+
+
+@dataclass
+class IngestedSnap:
+    """One ingested snap."""
+
+    snap: int
+    key: str
+    exposure: int
+    dataset_id: str
+    nbytes: int
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+
+def _data_bytes(header: Header) -> int:
+    naxis = int(header.get("NAXIS", 0))
+    if naxis == 0:
+        return 0
+    count = 1
+    for axis in range(1, naxis + 1):
+        count *= int(header[f"NAXIS{axis}"])
+    return count * abs(int(header["BITPIX"])) // 8
+
+
+def fetch_raw(uri: str) -> bytes:
+    """The whole object at ``uri``, in one GET (the header is read from it, and the same bytes
+    are ingested: no second request, no download thread).
+
+    Raises
+    ------
+    BadRaw
+        The object is missing.
+    RetryLater
+        The object store could not be reached.
+    """
+    from lsst.resources import ResourcePath
+
+    try:
+        return ResourcePath(uri).read()
+    except FileNotFoundError as exc:
+        raise BadRaw(f"{uri}: not found") from exc
+    except (ConnectionError, TimeoutError) as exc:
+        raise RetryLater(f"{uri}: object store unreachable: {exc}", delay=1.0) from exc
+
+
+def parse_header(data: bytes, uri: str) -> Header:
+    """The primary header of the FITS file ``data`` (the object at ``uri``).
+
+    Raises
+    ------
+    BadRaw
+        ``data`` is empty, not FITS, has no END card or is shorter than its header says.
+    """
+    from astropy.io import fits
+
+    if not data.startswith(b"SIMPLE  ="):
+        raise BadRaw(f"{uri}: not a FITS file (no SIMPLE card)")
+    end = _header_end(data)
+    if end is None:
+        raise BadRaw(f"{uri}: FITS header has no END card (truncated or corrupt)")
+    try:
+        header = fits.Header.fromstring(data[:end].decode("ascii"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRaw(f"{uri}: unreadable FITS header: {exc}") from exc
+    header_bytes = (end + _BLOCK - 1) // _BLOCK * _BLOCK
+    needed = header_bytes + _data_bytes(header)
+    if len(data) < needed:
+        raise BadRaw(f"{uri}: truncated: {len(data)} bytes, the header says at least {needed}")
+    return header
+
+
+def _header_end(data: bytes, limit: int = _HEADER_SCAN) -> int | None:
+    """Offset just past the END card of the first header (searched in ``limit`` bytes), or None."""
+    for offset in range(0, min(len(data), limit) - 79, 80):
+        card = data[offset:offset + 80]
+        if card.startswith(b"END") and card[3:].strip() == b"":
+            return offset + 80
+    return None
+
+
+def check_header(header: Mapping[str, Any], expected: VisitExpectation, uri: str) -> None:
+    """Raise :class:`BadRaw` when the header contradicts the visit it was announced for."""
+    problems = []
+    instrument = str(header.get("INSTRUME", expected.instrument))
+    if instrument != expected.instrument:
+        problems.append(f"instrument {instrument!r}, expected {expected.instrument!r}")
+    try:
+        detector = int(header["DETECTOR"])
+    except (KeyError, ValueError, TypeError):
+        detector = None
+    if detector != expected.detector:
+        problems.append(f"detector {detector!r}, expected {expected.detector}")
+    group = str(header.get("GROUPID", ""))
+    if group != expected.group:
+        problems.append(f"group {group!r}, expected {expected.group!r}")
+    physical_filter = str(header.get("FILTER", ""))
+    if expected.physical_filter and physical_filter != expected.physical_filter:
+        problems.append(f"filter {physical_filter!r}, expected {expected.physical_filter!r}")
+    if problems:
+        raise BadRaw(f"{uri}: header contradicts the visit: " + "; ".join(problems))
+
+
+#: Dimension records an ingest remembers as inserted (per local repo; the oldest forgotten first).
+REMEMBERED_RECORDS = 256
+
+
+def _insert_records(butler: Butler, records: Mapping[str, Sequence[Mapping[str, Any]]],
+                    inserted: Mapping[int, bool]) -> list[int]:
+    """Insert the records not in ``inserted`` (hashes of records inserted before); the hashes of
+    those inserted now.
+
+    A visit's snaps share their visit and its definitions, and a night shares its day: each
+    is inserted once per local repo, not once per snap.
+    """
+    fresh_keys = []
+    for element, element_records in records.items():
+        fresh = [(hash((element, repr(sorted(r.items())))), r) for r in element_records]
+        fresh = [(key, r) for key, r in fresh if key not in inserted]
+        if fresh:
+            butler.registry.insertDimensionData(element, *(r for _, r in fresh), skip_existing=True)
+            fresh_keys += [key for key, _ in fresh]
+    return fresh_keys
+
+
+def ingest_snap(butler: Butler, uri: str, expected: VisitExpectation, translate: RecordsFromHeader,
+                run: str, snap: int = 0, key: str = "", known: dict[str, Any] | None = None) -> IngestedSnap:
+    """Ingest one raw from ``uri`` into ``butler`` (idempotent); see the module doc.
+
+    ``known`` is what this process already set up in ``butler`` (the ``Instrument``, the raw
+    dataset type, the run, the dimension records it inserted), kept between calls so a warm
+    repo pays for it once, not per snap.
+    """
+    from lsst.daf.butler import DatasetIdGenEnum, DatasetRef, DatasetType, FileDataset
+    from lsst.pipe.base import Instrument
+    from lsst.resources import ResourcePath
+
+    data = fetch_raw(uri)
+    header = parse_header(data, uri)
+    check_header(header, expected, uri)
+    try:
+        records = translate(header)
+        exposure = int(records["exposure"][0]["id"])
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise BadRaw(f"{uri}: header cannot be translated: {type(exc).__name__}: {exc}") from exc
+    known = {} if known is None else known
+    instrument = known.get(f"instrument:{expected.instrument}")
+    if instrument is None:
+        instrument = known[f"instrument:{expected.instrument}"] = Instrument.from_string(
+            expected.instrument, butler.registry)
+    name, dimensions, storage_class = instrument.raw_definition  # type: ignore[attr-defined]
+    dataset_type = DatasetType(name, dimensions, storage_class, universe=butler.dimensions)
+    if f"run:{run}:{name}" not in known:
+        butler.registry.registerDatasetType(dataset_type)
+        butler.registry.registerRun(run)
+        known[f"run:{run}:{name}"] = True
+    remembered: OrderedDict[int, bool] = known.setdefault("records", OrderedDict())
+    with butler.transaction():
+        inserted = _insert_records(butler, records, remembered)
+        data_id = butler.registry.expandDataId(
+            instrument=expected.instrument, exposure=exposure, detector=expected.detector
+        )
+        ref = DatasetRef(dataset_type, data_id, run=run, id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
+        if not butler.stored(ref):
+            formatter = instrument.getRawFormatter(data_id)
+            with _staged(butler, data) as staged:  # the bytes already read, moved into the datastore
+                butler.ingest(FileDataset(path=ResourcePath(staged), refs=[ref], formatter=formatter),
+                              transfer="move", skip_existing=True)
+    remembered.update(dict.fromkeys(inserted, True))  # committed: a failed snap leaves nothing marked
+    while len(remembered) > REMEMBERED_RECORDS:
+        remembered.popitem(last=False)
+    return IngestedSnap(snap, key, exposure, str(ref.id), len(data), records)
+
+
+@contextlib.contextmanager
+def _staged(butler: Butler, data: bytes) -> Iterator[str]:
+    """``data`` as a file beside the local datastore's files (a move into it is a rename);
+    removed afterwards if the ingest did not take it."""
+    root = Path(butler._datastore.root.ospath) / ".incoming"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{uuid.uuid4().hex}.fits"
+    path.write_bytes(data)
+    try:
+        yield str(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def ingest_snaps(settings: Settings, butler: Butler, snaps: Mapping[int, str], expected: VisitExpectation,
+                 translate: RecordsFromHeader, run: str, known: dict[str, Any] | None = None) -> list[IngestedSnap]:
+    """Ingest every snap (snap number → object key) of a detector-visit, in snap order."""
+    configure_s3(settings)
+    return [
+        ingest_snap(butler, raw_uri(settings, key), expected, translate, run, snap=snap, key=key, known=known)
+        for snap, key in sorted(snaps.items())
+    ]
+
+
+def raw_refs(butler: Butler, ingested: Sequence[IngestedSnap]) -> list[DatasetRef]:
+    """The local refs of ingested snaps."""
+    return list(butler.get_many_datasets([uuid.UUID(s.dataset_id) for s in ingested]))

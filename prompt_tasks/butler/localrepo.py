@@ -1,0 +1,235 @@
+"""Local Butler repositories: one per (instrument, detector) on each worker, reused across visits.
+
+A detector's local repo lives at ``<local_repo_path>/<instrument>/<detector:03d>``. It is
+created once, as a copy of the instrument's pristine repo on this host
+(``<local_repo_path>/<instrument>/template``, made on first need with the central repo's
+dimension configuration, so both speak the same dimension universe, the instrument's seed
+config, so both know the same storage classes, and the instrument's dimension records).
+After that every visit of the detector on this worker finds it ready, with its preloaded
+calibrations and templates.
+
+The Butler objects (central and local) are opened once per process and kept in the process
+:class:`~prompt_tasks.context.Context` (``ctx.extras["butler"]``), so the middleware's imports
+and the repos' start-up are paid once, not per visit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prompt_tasks.instruments import UnknownInstrument, load_plugin
+from prompt_tasks.objstore import configure_s3
+from prompt_tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from lsst.daf.butler import Butler, Config
+
+    from prompt_tasks.context import Context
+
+__all__ = ["EXTRAS_KEY", "Repos", "repos_of", "seed_config_for"]
+
+#: Key of the :class:`Repos` of a process in ``Context.extras``.
+EXTRAS_KEY = "butler"
+#: A file written once a local repo is fully created (repo made and instrument registered).
+_READY = "prompt_tasks_ready"
+#: Directory (beside the detectors' repos) of the instrument's pristine repo they are copied from.
+_TEMPLATE = "template"
+
+
+def seed_config_for(instrument: str) -> Config:
+    """The seed config every repo of ``instrument`` is created with.
+
+    The instrument plugin provides it (``plugin.seed_config()``); an instrument without one
+    gets the middleware's defaults.
+    """
+    from lsst.daf.butler import Config  # heavy: compute workers only
+
+    try:
+        seed = load_plugin(instrument).seed_config
+    except UnknownInstrument:
+        seed = None
+    return seed() if seed is not None else Config()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes of this host (repo creation)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Repos:
+    """The central repo and the local repos this process has opened.
+
+    Parameters
+    ----------
+    settings
+        Where the central repo and the local repo root are.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        configure_s3(settings)  # the central datastore and the raws are on the S3 server
+        self._central: Butler | None = None
+        self._local: dict[tuple[str, int], Butler] = {}
+        self._known: dict[tuple[str, int], dict[str, Any]] = {}
+        self._lock = threading.RLock()
+
+    # ---------------------------------------------------------------- central
+
+    @property
+    def central(self) -> Butler:
+        """The central repo, writeable, opened on first use."""
+        with self._lock:
+            if self._central is None:
+                from lsst.daf.butler import Butler
+
+                self._central = Butler.from_config(self.settings.central_repo_uri, writeable=True)
+            return self._central
+
+    # ---------------------------------------------------------------- local
+
+    def path_of(self, instrument: str, detector: int) -> Path:
+        """Directory of the local repo of ``(instrument, detector)``."""
+        return self.settings.local_repo_path / instrument / f"{int(detector):03d}"
+
+    def existing(self) -> list[tuple[str, int, Path]]:
+        """Local repos present on disk: ``(instrument, detector, path)``."""
+        root = self.settings.local_repo_path
+        out = []
+        if root.is_dir():
+            for inst_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+                for det_dir in sorted(p for p in inst_dir.iterdir() if p.is_dir()):
+                    if det_dir.name.isdigit() and (det_dir / _READY).exists():
+                        out.append((inst_dir.name, int(det_dir.name), det_dir))
+        return out
+
+    def local(self, instrument: str, detector: int) -> Butler:
+        """The local repo of ``(instrument, detector)``, created on first use, kept open."""
+        key = (instrument, int(detector))
+        with self._lock:
+            butler = self._local.get(key)
+            if butler is not None and not (self.path_of(*key) / _READY).exists():
+                butler.close()  # deleted under us (housekeeping): open it afresh, knowing nothing of it
+                butler = None
+                self._known.pop(key, None)
+            if butler is None:
+                butler = self._open_or_create(instrument, int(detector))
+                self._local[key] = butler
+            return butler
+
+    def is_open(self, instrument: str, detector: int) -> bool:
+        """True when this process already holds the repo open (a warm repo)."""
+        return (instrument, int(detector)) in self._local
+
+    def _open_or_create(self, instrument: str, detector: int) -> Butler:
+        from lsst.daf.butler import Butler
+
+        path = self.path_of(instrument, detector)
+        with _file_lock(path.parent / f".{path.name}.lock"):
+            if not (path / _READY).exists():
+                if path.exists():
+                    shutil.rmtree(path)  # a creation that died half way
+                self._create(path, instrument)
+        return Butler.from_config(str(path), writeable=True)
+
+    def template_of(self, instrument: str) -> Path:
+        """The pristine repo every local repo of ``instrument`` on this host is copied from."""
+        return self.settings.local_repo_path / instrument / _TEMPLATE
+
+    def _create(self, path: Path, instrument: str) -> None:
+        """A new local repo at ``path``: a copy of the instrument's template, made first if needed.
+
+        Making a repo (its registry schema, the instrument and its detectors and filters)
+        costs ~0.4 CPU-s; a 189-detector host would pay it per detector. The repo is made once
+        per host and instrument, and each detector's repo is a copy of its two files (the
+        repo's config names its root as ``<butlerRoot>``, so a copy is a repo of its own).
+        """
+        template = self.template_of(instrument)
+        with _file_lock(template.parent / f".{template.name}.lock"):
+            if not (template / _READY).exists():
+                if template.exists():
+                    shutil.rmtree(template)  # a creation that died half way
+                self._make(template, instrument)
+        shutil.copytree(template, path, ignore=shutil.ignore_patterns(_READY))
+        (path / _READY).write_text(f"{instrument}\n")
+
+    def _make(self, path: Path, instrument: str) -> None:
+        from lsst.daf.butler import Butler
+        from lsst.pipe.base import Instrument
+
+        central = self.central
+        Butler.makeRepo(
+            str(path),
+            config=seed_config_for(instrument),
+            dimensionConfig=central.dimensions.dimensionConfig,
+        )
+        local = Butler.from_config(str(path), writeable=True)
+        try:
+            Instrument.from_string(instrument, central.registry).register(local.registry)
+        finally:
+            local.close()
+        (path / _READY).write_text(f"{instrument}\n")
+
+    def known(self, instrument: str, detector: int) -> dict[str, Any]:
+        """What this process already registered in the detector's local repo (kept while it is open)."""
+        with self._lock:
+            return self._known.setdefault((instrument, int(detector)), {})
+
+    @contextmanager
+    def preparing(self, instrument: str, detector: int) -> Iterator[None]:
+        """Hold the detector's prepare lock: two prepares of one local repo never overlap.
+
+        A compute worker has two slots, so the next visit's prepare may run beside this
+        detector's pipeline run (the registry serializes their writes: SQLite with
+        ``BEGIN IMMEDIATE`` and a busy timeout), but two prepares would race on the preload
+        cache's index and evictions.
+        """
+        path = self.path_of(instrument, detector)
+        with _file_lock(path.parent / f".{path.name}.prepare.lock"):
+            yield
+
+    def purge(self, instrument: str, detector: int) -> bool:
+        """Close and delete the local repo of ``(instrument, detector)``; True if it existed."""
+        path = self.path_of(instrument, detector)
+        with self._lock:
+            butler = self._local.pop((instrument, int(detector)), None)
+            self._known.pop((instrument, int(detector)), None)
+            if butler is not None:
+                butler.close()
+            with _file_lock(path.parent / f".{path.name}.lock"):
+                if path.exists():
+                    shutil.rmtree(path)
+                    return True
+        return False
+
+    def close(self) -> None:
+        """Close every repo this process opened."""
+        with self._lock:
+            for butler in self._local.values():
+                butler.close()
+            self._local.clear()
+            self._known.clear()
+            if self._central is not None:
+                self._central.close()
+                self._central = None
+
+
+def repos_of(ctx: Context) -> Repos:
+    """The :class:`Repos` of this process (kept in ``ctx.extras``)."""
+    repos = ctx.extras.get(EXTRAS_KEY)
+    if repos is None:
+        repos = Repos(ctx.settings)
+        ctx.extras[EXTRAS_KEY] = repos
+    return repos
