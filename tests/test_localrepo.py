@@ -122,3 +122,18 @@ def test_a_pool_process_is_warmed_before_its_first_visit(central: Settings, tmp_
         assert candidates and all(c is loaded[c.uri] for c in candidates)  # the visit loads nothing again
     finally:
         ctx.close()
+
+
+def test_a_repo_remembers_the_visits_it_was_prepared_for(tmp_path: Path) -> None:
+    """Read by any process of the host, forgotten with the repo, the oldest dropped first."""
+    settings = Settings(local_repo_root=tmp_path / "local")
+    repos = Repos(settings)  # the record needs no Butler: only the repo's directory
+    repos.path_of("SimCam", 4).mkdir(parents=True)
+    assert not repos.was_prepared("SimCam", 4, "g0")
+    for n in range(70):
+        repos.mark_prepared("SimCam", 4, f"g{n}")
+    repos.mark_prepared("SimCam", 4, "g10")  # prepared again: moved to the newest, not listed twice
+    other = Repos(settings)  # another process of the host
+    assert other.was_prepared("SimCam", 4, "g69") and other.was_prepared("SimCam", 4, "g10")
+    assert not other.was_prepared("SimCam", 4, "g5") and other.was_prepared("SimCam", 4, "g6")
+    assert not other.was_prepared("SimCam", 5, "g69")  # another detector's repo

@@ -349,10 +349,14 @@ def _per_module_set(versions: Callable[[], dict[str, str]]) -> Callable[[], dict
 def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrument: str, detector: int,
                    exposures: Sequence[int], day_obs: int | str, inputs: Sequence[str],
                    opener: Callable[[Butler, str, Sequence[str]], tuple[Butler, Any]] = open_run,
-                   nice: int = 0) -> RunOutcome:
+                   nice: int = 0,
+                   starting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                   ) -> RunOutcome:
     """Run the first candidate with a non-empty quantum graph; see the module doc.
 
-    ``nice``: the nice value its quanta run at (:func:`at_lower_priority`).
+    ``nice``: the nice value its quanta run at (:func:`at_lower_priority`). ``starting``: a
+    lock held while a graph is built and its init-outputs written, so two runs of one repo
+    side by side do not both write the init-outputs of a new output run.
 
     Raises
     ------
@@ -365,22 +369,24 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
     for candidate in candidates:
         run = output_run(instrument, day_obs, candidate.name, candidate.config_hash)
         run_butler, executor = opener(local, run, inputs)
-        t0, graph_cpu0 = time.perf_counter(), time.process_time()
-        try:
-            graph = executor.make_quantum_graph(candidate.pipeline, where=where, bind=bind)
-        except Exception as exc:  # noqa: BLE001 - a failed graph build falls through
-            message = str(exc)
-            message = message if len(message) <= 240 else message[:237] + "..."
-            attempts.append(Attempt(candidate.name, False, f"graph build failed: {type(exc).__name__}: {message}"))
-            continue
-        graph_s, graph_cpu_s = time.perf_counter() - t0, time.process_time() - graph_cpu0
-        if len(graph) == 0:
-            attempts.append(Attempt(candidate.name, False, "empty quantum graph"))
-            continue
-        quanta = {node.label: len(graph.getNodesForTask(node)) for node in graph.iterTaskGraph()}
-        attempts.append(Attempt(candidate.name, True, "", len(graph)))
-        t1 = time.perf_counter()
-        executor.pre_execute_qgraph(graph, register_dataset_types=True, save_versions=False)
+        with starting():
+            t0, graph_cpu0 = time.perf_counter(), time.process_time()
+            try:
+                graph = executor.make_quantum_graph(candidate.pipeline, where=where, bind=bind)
+            except Exception as exc:  # noqa: BLE001 - a failed graph build falls through
+                message = str(exc)
+                message = message if len(message) <= 240 else message[:237] + "..."
+                attempts.append(Attempt(candidate.name, False,
+                                        f"graph build failed: {type(exc).__name__}: {message}"))
+                continue
+            graph_s, graph_cpu_s = time.perf_counter() - t0, time.process_time() - graph_cpu0
+            if len(graph) == 0:
+                attempts.append(Attempt(candidate.name, False, "empty quantum graph"))
+                continue
+            quanta = {node.label: len(graph.getNodesForTask(node)) for node in graph.iterTaskGraph()}
+            attempts.append(Attempt(candidate.name, True, "", len(graph)))
+            t1 = time.perf_counter()
+            executor.pre_execute_qgraph(graph, register_dataset_types=True, save_versions=False)
         cpu0 = time.process_time()
         failed = _execute(run_butler, executor, graph, nice)
         # the CPU of the quanta themselves: the science payload, apart from the framework's own cost

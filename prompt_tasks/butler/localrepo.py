@@ -40,6 +40,10 @@ EXTRAS_KEY = "butler"
 _READY = "prompt_tasks_ready"
 #: Directory (beside the detectors' repos) of the instrument's pristine repo they are copied from.
 _TEMPLATE = "template"
+#: A file in a local repo listing the visits (group ids) it was prepared for, the latest last.
+_PREPARED = "prompt_tasks_prepared"
+#: How many prepared visits a local repo remembers (a few nights of one detector's visits in flight).
+_PREPARED_KEPT = 64
 
 
 def seed_config_for(instrument: str) -> Config:
@@ -199,6 +203,45 @@ class Repos:
         path = self.path_of(instrument, detector)
         with _file_lock(path.parent / f".{path.name}.prepare.lock"):
             yield
+
+    @contextmanager
+    def starting_run(self, instrument: str, detector: int) -> Iterator[None]:
+        """Hold the detector's run-start lock (a quantum graph's build and its init-outputs).
+
+        The first run of a night writes the output run's init-outputs (configs, schemas); two
+        first runs side by side in one repo (a host taking over a detector with two of its
+        visits redelivered at once) would each predict and write their own, and the second
+        fails. Built one after the other, the second finds the first's and reuses them.
+        """
+        path = self.path_of(instrument, detector)
+        with _file_lock(path.parent / f".{path.name}.run.lock"):
+            yield
+
+    def mark_prepared(self, instrument: str, detector: int, group: str) -> None:
+        """Record that the detector's local repo was prepared for visit ``group`` (call under
+        :meth:`preparing`); the last :data:`_PREPARED_KEPT` visits are remembered."""
+        path = self.path_of(instrument, detector) / _PREPARED
+        groups = [g for g in self._prepared_groups(path) if g != group][-(_PREPARED_KEPT - 1):]
+        groups.append(group)
+        scratch = path.with_suffix(".tmp")
+        scratch.write_text("".join(f"{g}\n" for g in groups))
+        scratch.replace(path)  # atomic: a reader sees the old list or the new one
+
+    def was_prepared(self, instrument: str, detector: int, group: str) -> bool:
+        """True when this host prepared the detector's local repo for visit ``group``.
+
+        A stage redelivered to this host after its first host died (its queue moved here)
+        finds False: the calibrations, templates and collections of the visit are not here
+        yet, and it prepares first.
+        """
+        return group in self._prepared_groups(self.path_of(instrument, detector) / _PREPARED)
+
+    @staticmethod
+    def _prepared_groups(path: Path) -> list[str]:
+        try:
+            return path.read_text().split()
+        except FileNotFoundError:
+            return []
 
     def purge(self, instrument: str, detector: int) -> bool:
         """Close and delete the local repo of ``(instrument, detector)``; True if it existed."""

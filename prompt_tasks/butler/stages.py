@@ -197,6 +197,7 @@ def prepare(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageS
             central, local, plan, collections, _visit_time(visit), region,
             ctx.settings.local_cache_bytes, repos.path_of(visit.instrument, detector),
         )
+        repos.mark_prepared(visit.instrument, detector, visit.groupId)
     apdb_s = _warm_apdb(ctx, candidates, region)
     if apdb_s is not None:
         report.times["apdb"] = apdb_s
@@ -338,11 +339,18 @@ def ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
     if not snaps:
         return _status("ingest", visit, detector, Outcome.FAILED, "no snaps to ingest", "no_snaps")
     plugin = _plugin(visit.instrument)
-    local = repos_of(ctx).local(visit.instrument, detector)
+    repos = repos_of(ctx)
+    local = repos.local(visit.instrument, detector)
+    if not repos.was_prepared(visit.instrument, detector, visit.groupId):
+        # Delivered to a host that did not prepare this detector-visit (its first worker died,
+        # its queue moved here): prepare here first, or the run finds no calibrations.
+        prepared = _redo_prepare(ctx, raw_visit, detector)
+        if not prepared.ok:
+            return prepared
     expected = VisitExpectation(visit.instrument, int(detector), visit.groupId, visit.filters)
     run = _instrument(plugin).makeDefaultRawIngestRunName()
     ingested = ingest_snaps(ctx.settings, local, snaps, expected, plugin.translator, run,
-                            known=repos_of(ctx).known(visit.instrument, detector))
+                            known=repos.known(visit.instrument, detector))
     visit_ids = {r["id"] for s in ingested for r in s.records.get("visit", [])}
     day_obs = ingested[0].records["day_obs"][0]["id"]
     return _status(
@@ -375,19 +383,27 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     repos = repos_of(ctx)
     local = repos.local(visit.instrument, detector)
     if not _has_datasets(local, data.get("raws") or []):
-        # A run delivered to a host that did not prepare and ingest this detector-visit (its
-        # first worker died, its queue moved here): do both here first, from the same snaps.
-        redone = _prepare_and_ingest(ctx, raw_visit, detector, data)
+        # A run delivered to a host that did not ingest this detector-visit (its first worker
+        # died, its queue moved here): ingest here first, from the same snaps (preparing first
+        # when this host did not prepare it either).
+        snaps = {int(s["snap"]): str(s["key"]) for s in data.get("snaps") or []}
+        redone = ingest(ctx, raw_visit, detector, {"data": {"snaps": snaps}})
         if not redone.ok:
             return _status("run", visit, detector, redone.outcome, f"redo on this host: {redone.reason}",
                            redone.code)
         data = redone.data
+    elif not repos.was_prepared(visit.instrument, detector, visit.groupId):
+        prepared = _redo_prepare(ctx, raw_visit, detector)  # ingested here, prepared elsewhere
+        if not prepared.ok:
+            return _status("run", visit, detector, prepared.outcome, f"redo on this host: {prepared.reason}",
+                           prepared.code)
     inputs = [str(data.get("raw_run") or _instrument(plugin).makeDefaultRawIngestRunName()),
               _instrument(plugin).makeUmbrellaCollectionName()]
     try:
         outcome = run_candidates(local, candidates, visit.instrument, int(detector), exposures,
                                  data.get("day_obs") or "unknown", inputs, opener=_pipelines(ctx).open_run,
-                                 nice=ctx.settings.pipeline_nice)
+                                 nice=ctx.settings.pipeline_nice,
+                                 starting=lambda: repos.starting_run(visit.instrument, detector))
     except PipelineError as exc:
         failed = getattr(exc, "outcome", None)
         _record(ctx, visit, detector, {"run.pipeline": failed.pipeline if failed else ""})
@@ -423,14 +439,11 @@ def _has_datasets(local: Butler, ids: list[str]) -> bool:
     return len(local.get_many_datasets(wanted)) == len(wanted)
 
 
-def _prepare_and_ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
-                        ingest_data: Mapping[str, Any]) -> StageStatus:
-    """Prepare and ingest on this host the snaps a previous ingest recorded; the ingest status."""
-    prepared = prepare(ctx, raw_visit, detector)
-    if not prepared.ok:
-        return prepared
-    snaps = {int(s["snap"]): str(s["key"]) for s in ingest_data.get("snaps") or []}
-    return ingest(ctx, raw_visit, detector, {"data": {"snaps": snaps}})
+def _redo_prepare(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageStatus:
+    """Prepare on this host a detector-visit another host prepared (a stage redelivered here)."""
+    visit = _visit(raw_visit)
+    log.info("%s detector %s: not prepared on this host, preparing first", visit.groupId, detector)
+    return prepare(ctx, raw_visit, detector)
 
 
 # --------------------------------------------------------------------------- export
