@@ -112,9 +112,9 @@ class Settings(BaseSettings):
     pipelines_config: Path | None = Field(None, description="Pipeline selection YAML; default: each instrument's own.")
     local_cache_bytes: int = Field(2 * 1024**3, description="Preloaded datasets kept per local repo (bytes, LRU).")
     pipeline_nice: int = Field(
-        0, ge=0, le=19,
-        description="Nice value of the thread running a pipeline's quanta (e.g. 10: on a busy host the next "
-        "visit's prepare and ingest, and the servers, go first); 0: the same priority, in the task's thread.",
+        10, ge=0, le=19,
+        description="Nice value of the thread running a pipeline's quanta: on a busy host the next visit's "
+        "prepare and ingest, and the servers, go first; 0: the same priority, in the task's thread.",
     )
     preload_pad_deg: float = Field(30 / 3600, description="Margin around a detector's predicted footprint (deg).")
     export_dataset_types: list[str] | None = Field(
