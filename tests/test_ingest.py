@@ -89,6 +89,7 @@ def test_truncated_raw_fails_and_leaves_the_repo_usable(ctx: Context) -> None:
     exposures = {r.dataId["exposure"] for r in _raws(ctx, 0)}
     assert {next_spec.exposure(0), next_spec.exposure(1)} <= exposures
     assert bad_spec.exposure(1) not in exposures
+    assert bad_spec.exposure(0) not in exposures  # every raw is checked before any is written
 
 
 def test_garbage_raw_fails(ctx: Context) -> None:

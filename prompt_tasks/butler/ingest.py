@@ -8,8 +8,9 @@ into it) with a deterministic dataset id (``DATAID_TYPE_RUN``): ingesting the sa
 is a no-op.
 
 Every problem with a raw raises :class:`~prompt_tasks.errors.BadRaw` with a readable reason;
-records and datasets are written in one transaction per snap, so a refused raw leaves the
-local repo as it was. S3 access goes through lsst-resources, configured from the settings by
+a detector-visit's raws are all read and checked before any is written, then written in one
+transaction (one insert per dimension element, one ``Butler.ingest``), so a refused raw leaves
+the local repo as it was. S3 access goes through lsst-resources, configured from the settings by
 :func:`prompt_tasks.objstore.configure_s3`.
 """
 
@@ -176,16 +177,43 @@ def _insert_records(butler: Butler, records: Mapping[str, Sequence[Mapping[str, 
     those inserted now.
 
     A visit's snaps share their visit and its definitions, and a night shares its day: each
-    is inserted once per local repo, not once per snap.
+    is inserted once per local repo, not once per snap (``records`` may list one twice).
     """
     fresh_keys = []
     for element, element_records in records.items():
-        fresh = [(hash((element, repr(sorted(r.items())))), r) for r in element_records]
-        fresh = [(key, r) for key, r in fresh if key not in inserted]
+        fresh: dict[int, Mapping[str, Any]] = {}
+        for record in element_records:  # the same record from two snaps: once
+            key = hash((element, repr(sorted(record.items()))))
+            if key not in inserted:
+                fresh.setdefault(key, record)
         if fresh:
-            butler.registry.insertDimensionData(element, *(r for _, r in fresh), skip_existing=True)
-            fresh_keys += [key for key, _ in fresh]
+            butler.registry.insertDimensionData(element, *fresh.values(), skip_existing=True)
+            fresh_keys += list(fresh)
     return fresh_keys
+
+
+@dataclass
+class _Fetched:
+    """A raw read and checked, with its dimension records: ready to be written."""
+
+    snap: int
+    key: str
+    data: bytes
+    records: dict[str, list[dict[str, Any]]]
+    exposure: int
+
+
+def _fetch(uri: str, expected: VisitExpectation, translate: RecordsFromHeader, snap: int, key: str) -> _Fetched:
+    """Read the raw at ``uri`` (one GET), check its header and translate it; nothing is written."""
+    data = fetch_raw(uri)
+    header = parse_header(data, uri)
+    check_header(header, expected, uri)
+    try:
+        records = translate(header)
+        exposure = int(records["exposure"][0]["id"])
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise BadRaw(f"{uri}: header cannot be translated: {type(exc).__name__}: {exc}") from exc
+    return _Fetched(snap, key, data, records, exposure)
 
 
 def ingest_snap(butler: Butler, uri: str, expected: VisitExpectation, translate: RecordsFromHeader,
@@ -196,18 +224,17 @@ def ingest_snap(butler: Butler, uri: str, expected: VisitExpectation, translate:
     dataset type, the run, the dimension records it inserted), kept between calls so a warm
     repo pays for it once, not per snap.
     """
+    return _write(butler, [_fetch(uri, expected, translate, snap, key)], expected, run, known)[0]
+
+
+def _write(butler: Butler, fetched: Sequence[_Fetched], expected: VisitExpectation, run: str,
+           known: dict[str, Any] | None) -> list[IngestedSnap]:
+    """Write the records and datasets of ``fetched`` raws in one transaction (one registry
+    insert per dimension element, one ``Butler.ingest``), skipping what is already there."""
     from lsst.daf.butler import DatasetIdGenEnum, DatasetRef, DatasetType, FileDataset
     from lsst.pipe.base import Instrument
     from lsst.resources import ResourcePath
 
-    data = fetch_raw(uri)
-    header = parse_header(data, uri)
-    check_header(header, expected, uri)
-    try:
-        records = translate(header)
-        exposure = int(records["exposure"][0]["id"])
-    except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise BadRaw(f"{uri}: header cannot be translated: {type(exc).__name__}: {exc}") from exc
     known = {} if known is None else known
     instrument = known.get(f"instrument:{expected.instrument}")
     if instrument is None:
@@ -220,21 +247,31 @@ def ingest_snap(butler: Butler, uri: str, expected: VisitExpectation, translate:
         butler.registry.registerRun(run)
         known[f"run:{run}:{name}"] = True
     remembered: OrderedDict[int, bool] = known.setdefault("records", OrderedDict())
-    with butler.transaction():
-        inserted = _insert_records(butler, records, remembered)
-        data_id = butler.registry.expandDataId(
-            instrument=expected.instrument, exposure=exposure, detector=expected.detector
-        )
-        ref = DatasetRef(dataset_type, data_id, run=run, id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
-        if not butler.stored(ref):
-            formatter = instrument.getRawFormatter(data_id)
-            with _staged(butler, data) as staged:  # the bytes already read, moved into the datastore
-                butler.ingest(FileDataset(path=ResourcePath(staged), refs=[ref], formatter=formatter),
-                              transfer="move", skip_existing=True)
-    remembered.update(dict.fromkeys(inserted, True))  # committed: a failed snap leaves nothing marked
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for raw in fetched:  # the snaps of a visit share its visit records: each element inserted once
+        for element, element_records in raw.records.items():
+            merged.setdefault(element, []).extend(element_records)
+    refs = []
+    with butler.transaction(), contextlib.ExitStack() as staging:
+        inserted = _insert_records(butler, merged, remembered)
+        datasets = []
+        for raw in fetched:
+            data_id = butler.registry.expandDataId(
+                instrument=expected.instrument, exposure=raw.exposure, detector=expected.detector
+            )
+            ref = DatasetRef(dataset_type, data_id, run=run, id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
+            refs.append(ref)
+            if not butler.stored(ref):
+                staged = staging.enter_context(_staged(butler, raw.data))  # moved into the datastore
+                datasets.append(FileDataset(path=ResourcePath(staged), refs=[ref],
+                                            formatter=instrument.getRawFormatter(data_id)))
+        if datasets:
+            butler.ingest(*datasets, transfer="move", skip_existing=True)
+    remembered.update(dict.fromkeys(inserted, True))  # committed: a failed write leaves nothing marked
     while len(remembered) > REMEMBERED_RECORDS:
         remembered.popitem(last=False)
-    return IngestedSnap(snap, key, exposure, str(ref.id), len(data), records)
+    return [IngestedSnap(raw.snap, raw.key, raw.exposure, str(ref.id), len(raw.data), raw.records)
+            for raw, ref in zip(fetched, refs, strict=True)]
 
 
 @contextlib.contextmanager
@@ -253,12 +290,14 @@ def _staged(butler: Butler, data: bytes) -> Iterator[str]:
 
 def ingest_snaps(settings: Settings, butler: Butler, snaps: Mapping[int, str], expected: VisitExpectation,
                  translate: RecordsFromHeader, run: str, known: dict[str, Any] | None = None) -> list[IngestedSnap]:
-    """Ingest every snap (snap number → object key) of a detector-visit, in snap order."""
+    """Ingest every snap (snap number → object key) of a detector-visit, in snap order.
+
+    Every raw is read and checked first, then all are written in one transaction: a bad raw
+    leaves the local repo as it was.
+    """
     configure_s3(settings)
-    return [
-        ingest_snap(butler, raw_uri(settings, key), expected, translate, run, snap=snap, key=key, known=known)
-        for snap, key in sorted(snaps.items())
-    ]
+    fetched = [_fetch(raw_uri(settings, key), expected, translate, snap, key) for snap, key in sorted(snaps.items())]
+    return _write(butler, fetched, expected, run, known)
 
 
 def raw_refs(butler: Butler, ingested: Sequence[IngestedSnap]) -> list[DatasetRef]:
