@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -87,6 +88,12 @@ class Dome(IntEnum):
     EITHER = 3
 
 
+#: The enumerated fields of a ``next_visit`` and their enums.
+_ENUM_FIELDS: dict[str, type[IntEnum]] = {
+    "coordinateSystem": CoordinateSystem, "rotationSystem": RotationSystem, "dome": Dome,
+}
+
+
 def _enum_value(enum: type[IntEnum], value: Any) -> Any:
     """Accept an enum member, its integer, the integer as a string, or its name."""
     if isinstance(value, bool):  # pydantic's lax mode would read true as 1
@@ -139,20 +146,10 @@ class NextVisit(BaseModel):
             raise ValueError("expected a number")
         return value
 
-    @field_validator("coordinateSystem", mode="before")
+    @field_validator("coordinateSystem", "rotationSystem", "dome", mode="before")
     @classmethod
-    def _coordinate_system(cls, value: Any) -> Any:
-        return _enum_value(CoordinateSystem, value)
-
-    @field_validator("rotationSystem", mode="before")
-    @classmethod
-    def _rotation_system(cls, value: Any) -> Any:
-        return _enum_value(RotationSystem, value)
-
-    @field_validator("dome", mode="before")
-    @classmethod
-    def _dome(cls, value: Any) -> Any:
-        return _enum_value(Dome, value)
+    def _enumerated(cls, value: Any, info: ValidationInfo) -> Any:
+        return _enum_value(_ENUM_FIELDS[str(info.field_name)], value)
 
     @field_validator("position", mode="before")
     @classmethod
