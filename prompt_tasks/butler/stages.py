@@ -341,12 +341,9 @@ def ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
     plugin = _plugin(visit.instrument)
     repos = repos_of(ctx)
     local = repos.local(visit.instrument, detector)
-    if not repos.was_prepared(visit.instrument, detector, visit.groupId):
-        # Delivered to a host that did not prepare this detector-visit (its first worker died,
-        # its queue moved here): prepare here first, or the run finds no calibrations.
-        prepared = _redo_prepare(ctx, raw_visit, detector)
-        if not prepared.ok:
-            return prepared
+    prepared = _prepared_here(ctx, raw_visit, detector)
+    if not prepared.ok:
+        return prepared
     expected = VisitExpectation(visit.instrument, int(detector), visit.groupId, visit.filters)
     run = _instrument(plugin).makeDefaultRawIngestRunName()
     ingested = ingest_snaps(ctx.settings, local, snaps, expected, plugin.translator, run,
@@ -382,21 +379,15 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     plugin = _plugin(visit.instrument)
     repos = repos_of(ctx)
     local = repos.local(visit.instrument, detector)
-    if not _has_datasets(local, data.get("raws") or []):
-        # A run delivered to a host that did not ingest this detector-visit (its first worker
-        # died, its queue moved here): ingest here first, from the same snaps (preparing first
-        # when this host did not prepare it either).
+    redone = _prepared_here(ctx, raw_visit, detector)
+    if redone.ok and not _has_datasets(local, data.get("raws") or []):
+        # ingested on another host (its first worker died, its queue moved here): ingest here
+        # first, from the same snaps
         snaps = {int(s["snap"]): str(s["key"]) for s in data.get("snaps") or []}
         redone = ingest(ctx, raw_visit, detector, {"data": {"snaps": snaps}})
-        if not redone.ok:
-            return _status("run", visit, detector, redone.outcome, f"redo on this host: {redone.reason}",
-                           redone.code)
-        data = redone.data
-    elif not repos.was_prepared(visit.instrument, detector, visit.groupId):
-        prepared = _redo_prepare(ctx, raw_visit, detector)  # ingested here, prepared elsewhere
-        if not prepared.ok:
-            return _status("run", visit, detector, prepared.outcome, f"redo on this host: {prepared.reason}",
-                           prepared.code)
+        data = redone.data if redone.ok else data
+    if not redone.ok:
+        return _status("run", visit, detector, redone.outcome, f"redo on this host: {redone.reason}", redone.code)
     inputs = [str(data.get("raw_run") or _instrument(plugin).makeDefaultRawIngestRunName()),
               _instrument(plugin).makeUmbrellaCollectionName()]
     try:
@@ -439,9 +430,17 @@ def _has_datasets(local: Butler, ids: list[str]) -> bool:
     return len(local.get_many_datasets(wanted)) == len(wanted)
 
 
-def _redo_prepare(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageStatus:
-    """Prepare on this host a detector-visit another host prepared (a stage redelivered here)."""
+def _prepared_here(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageStatus:
+    """The detector-visit prepared on this host: an ok status at once when it was, else the
+    status of preparing it now.
+
+    A stage delivered to a host that did not prepare its visit (the first host died, the
+    detector's queue moved here) would otherwise ingest into, or run on, a repo without the
+    visit's calibrations, templates and collections.
+    """
     visit = _visit(raw_visit)
+    if repos_of(ctx).was_prepared(visit.instrument, detector, visit.groupId):
+        return _status("prepare", visit, detector)
     log.info("%s detector %s: not prepared on this host, preparing first", visit.groupId, detector)
     return prepare(ctx, raw_visit, detector)
 
