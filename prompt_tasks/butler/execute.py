@@ -10,10 +10,11 @@ Outputs go to the RUN collection ``<instrument>/prompt/<day_obs>/<pipeline>/<con
 findable by night and pipeline, and safe to rerun (quanta whose outputs are already in the
 run are skipped; partial outputs of a crashed attempt are overwritten).
 
-Pipelines are loaded, configured and hashed once per process, and run Butlers opened once per
-night (:class:`PipelineCache`). A quantum graph is built afresh for every visit: the
-middleware's builder is made to build exactly once, and one reused across visits misses the
-calibrations and templates preloaded after it was set up.
+Pipelines are loaded, configured, hashed and their pipeline graphs resolved once per process,
+and run Butlers opened once per night (:class:`PipelineCache`). A quantum graph is built
+afresh for every visit (:func:`build_graph`), from that resolved pipeline graph and on the
+night's run Butler: the middleware's builder is made to build exactly once, and one reused
+across visits misses the calibrations and templates preloaded after it was set up.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "QuantumResult",
     "RunOutcome",
     "at_lower_priority",
+    "build_graph",
     "execute_graph",
     "open_run",
     "output_run",
@@ -309,6 +311,44 @@ def _outputs(graph: Any) -> list[str]:
     return sorted(ids)
 
 
+class _BuiltOnce:
+    """A run Butler as the quantum-graph builder sees it: its ``clone`` is the Butler itself.
+
+    The builder clones the Butler it is given for every graph, and a clone resolves its
+    collections and refills its dimension-record cache in the registry: a third of a warm
+    graph build. The run Butler already reads exactly the builder's input collections, is
+    used by one thread at a time, and lives as long as its night's run.
+    """
+
+    def __init__(self, butler: Butler) -> None:
+        self._butler = butler
+
+    def clone(self, **_: Any) -> Butler:
+        return self._butler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._butler, name)
+
+
+def build_graph(run_butler: Butler, executor: Any, candidate: LoadedPipeline, where: str,
+                bind: Mapping[str, Any]) -> Any:
+    """The quantum graph of ``candidate`` on the data ``where`` selects.
+
+    Built from the pipeline graph resolved once per process (``make_quantum_graph`` rebuilds
+    it from the pipeline, configs and all) on the run Butler itself (:class:`_BuiltOnce`).
+    """
+    from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
+
+    pipeline_graph = candidate.graph.copy() if candidate.graph is not None else candidate.pipeline.to_graph()
+    builder = AllDimensionsQuantumGraphBuilder(
+        pipeline_graph, _BuiltOnce(run_butler), where=where, bind=bind,
+        skip_existing_in=executor._skip_existing_in or (), clobber=executor._clobber_output,
+    )
+    metadata = {"input": list(run_butler.collections.defaults), "output_run": run_butler.run,
+                "skip_existing_in": executor._skip_existing_in, "data_query": where}
+    return builder.build(metadata=metadata, attach_datastore_records=False)
+
+
 def remember_installed_packages(prime: bool = False) -> None:
     """Map modules to installed distributions once per process, not once per quantum graph.
 
@@ -372,7 +412,7 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
         with starting():
             t0, graph_cpu0 = time.perf_counter(), time.process_time()
             try:
-                graph = executor.make_quantum_graph(candidate.pipeline, where=where, bind=bind)
+                graph = build_graph(run_butler, executor, candidate, where, bind)
             except Exception as exc:  # noqa: BLE001 - a failed graph build falls through
                 message = str(exc)
                 message = message if len(message) <= 240 else message[:237] + "..."

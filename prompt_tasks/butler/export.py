@@ -29,7 +29,7 @@ from prompt_tasks.store.keys import EXPORT_REQUESTS, export_done_key
 
 if TYPE_CHECKING:
     import redis
-    from lsst.daf.butler import Butler, DatasetRef
+    from lsst.daf.butler import Butler
     from lsst.resources import ResourcePath
 
 __all__ = [
@@ -129,22 +129,26 @@ def is_exported(client: redis.Redis, instrument: str, group: str, detector: int)
 
 
 def _visit_records(local: Butler, instrument: str, visit: int, detector: int) -> list[Any]:
-    """The visit's records an exposure's data id does not carry: the visit, its definitions and
-    system memberships, the detector's region (without them a graph on the visit is empty)."""
-    visit_id = {"instrument": instrument, "visit": visit}
-    out: list[Any] = []
-    for element, data_id in (("visit", visit_id), ("visit_definition", visit_id),
-                             ("visit_system_membership", visit_id),
-                             ("visit_detector_region", {**visit_id, "detector": detector})):
-        out += list(local.query_dimension_records(element, data_id=data_id, explain=False))
-    return out
+    """The visit's records an output's data id may not carry: the visit, its definitions (one per
+    exposure) and visit-system memberships, the detector's region (without them a graph on the
+    visit is empty). One query; nothing for an exposure that is no visit (a calibration)."""
+    with local.query() as query:
+        rows = (query.data_ids(["exposure", "visit", "detector", "visit_system"])
+                .where("instrument = inst AND visit = v AND detector = det",
+                       bind={"inst": instrument, "v": int(visit), "det": int(detector)})
+                .with_dimension_records())
+        wanted = ("visit", "visit_definition", "visit_system_membership", "visit_detector_region")
+        return [row.records[element] for row in rows for element in wanted if row.records[element] is not None]
 
 
-def dimension_records(local: Butler, refs: Iterable[DatasetRef], extra: Iterable[Any] = ()) -> dict[str, list[dict[str, Any]]]:
-    """Every record the refs' data ids name (and ``extra``), by element, dependencies first."""
+def dimension_records(local: Butler, data_ids: Iterable[Any], extra: Iterable[Any] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Every record ``data_ids`` name (and ``extra``), by element, dependencies first.
+
+    Each distinct data id is expanded once: a detector-visit's outputs share a few.
+    """
     by_element: dict[str, dict[Any, Any]] = {}
-    for ref in refs:
-        expanded = local.registry.expandDataId(ref.dataId)
+    for data_id in set(data_ids):
+        expanded = local.registry.expandDataId(data_id)
         for element in expanded.dimensions.elements:
             record = expanded.records[element]
             if record is not None:
@@ -156,12 +160,23 @@ def dimension_records(local: Butler, refs: Iterable[DatasetRef], extra: Iterable
     return {name: [r.to_simple().model_dump(mode="json") for r in by_element[name].values()] for name in order}
 
 
+#: Files up to this size are copied with one PUT from memory; larger ones by a multipart transfer.
+SINGLE_PUT_BYTES = 64 * 1024 * 1024
+
+
 def _copy(source: ResourcePath, target: ResourcePath) -> None:
-    """Copy one file, retried with backoff; :class:`ExportWriteError` when it keeps failing."""
+    """Copy one file, retried with backoff; :class:`ExportWriteError` when it keeps failing.
+
+    A small file goes in one PUT: the multipart transfer's thread pool, made for every file,
+    cost more CPU than the upload itself.
+    """
     delay = COPY_BACKOFF_S
     for attempt in range(1, COPY_ATTEMPTS + 1):
         try:
-            target.transfer_from(source, transfer="copy", overwrite=True)
+            if source.size() <= SINGLE_PUT_BYTES:
+                target.write(source.read(), overwrite=True)
+            else:
+                target.transfer_from(source, transfer="copy", overwrite=True)
             return
         except Exception as exc:
             if attempt == COPY_ATTEMPTS:
@@ -178,21 +193,28 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
     """Copy the detector-visit's outputs (and ``raws``) into the central datastore; the message.
 
     ``outputs`` and ``raws`` are dataset ids of the local repo; outputs whose type is not
-    :func:`wanted` stay local.
+    :func:`wanted` stay local. The local registry is asked three times whatever the number of
+    files: the refs, their stored files, the visit's records; and expands each distinct data
+    id once.
     """
+    from lsst.resources import ResourcePath
+
     refs = [ref for ref in local.get_many_datasets([uuid.UUID(i) for i in outputs])
             if wanted(ref.datasetType.name, dataset_types)]
     refs += list(local.get_many_datasets([uuid.UUID(i) for i in raws]))
-    local_root = local._datastore.root
+    datastore = local._datastore
+    stored = datastore._get_stored_records_associated_with_refs(refs)
+    local_root = datastore.root
     message = ExportMessage(instrument, group, int(detector), run, datastore_root=str(central_root))
     for ref in refs:
-        source = local.getURI(ref)
-        relative = source.relative_to(local_root)
-        if relative is None:
-            raise ExportWriteError(f"export: {source} is outside the local datastore {local_root}")
-        _copy(source, central_root.join(relative))
-        stored = local._datastore.getStoredItemsInfo(ref)
-        formatter = stored[0].formatter if stored else None
-        message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), relative, formatter))
-    message.records = dimension_records(local, refs, _visit_records(local, instrument, visit, detector))
+        infos = stored.get(ref.id)
+        if not infos:
+            raise ExportWriteError(f"export: {ref} has no file in the local datastore")
+        relative = infos[0].path
+        if ResourcePath(relative, forceAbsolute=False).isabs():
+            raise ExportWriteError(f"export: {relative} is outside the local datastore {local_root}")
+        _copy(local_root.join(relative), central_root.join(relative))
+        message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), relative, infos[0].formatter))
+    message.records = dimension_records(local, [ref.dataId for ref in refs],
+                                        _visit_records(local, instrument, visit, detector))
     return message
