@@ -26,10 +26,12 @@ __all__ = [
     "configure_s3",
     "ensure_bucket",
     "ensure_plain_bucket",
+    "get_bytes",
     "header_reader",
     "health_live",
     "make_client",
     "object_checker",
+    "put_bytes",
     "read_object",
     "sidecar_reader",
     "wait_live",
@@ -126,6 +128,50 @@ def read_object(client: Minio, bucket: str, key: str, length: int | None = None)
         missing = isinstance(exc, S3Error) and exc.code == "NoSuchKey"  # e.g. a sidecar not there yet
         log.log(logging.DEBUG if missing else logging.WARNING, "%s/%s not readable: %s", bucket, key, exc)
         return None
+
+
+def _bucket_and_key(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
+        raise ValueError(f"not an s3://bucket/key URI: {uri}")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def get_bytes(client: Minio, uri: str) -> bytes:
+    """The whole object at ``s3://bucket/key`` on ``client``'s server, in one GET.
+
+    The project's own S3 I/O (raws in, outputs out) goes through this light client: a GET or PUT
+    costs a quarter to a half of the client CPU of lsst-resources' boto3 one.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such object or bucket.
+    ConnectionError
+        The server could not be reached or failed.
+    """
+    bucket, key = _bucket_and_key(uri)
+    try:
+        response = client.get_object(bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+            raise FileNotFoundError(f"{uri}: {exc.code}") from exc
+        raise ConnectionError(f"{uri}: {exc.code}: {exc.message}") from exc
+    except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        raise ConnectionError(f"{uri}: {exc}") from exc
+
+
+def put_bytes(client: Minio, uri: str, data: bytes) -> None:
+    """Write ``data`` at ``s3://bucket/key`` in one PUT (overwriting); any failure raises."""
+    import io
+
+    bucket, key = _bucket_and_key(uri)
+    client.put_object(bucket, key, io.BytesIO(data), len(data))
 
 
 def object_checker(client: Minio) -> Callable[[str, str], bool | None]:

@@ -205,17 +205,19 @@ def test_unusable_messages_are_parked_with_their_reason_and_the_rest_registered(
     assert all(is_exported(ctx.redis, "SimCam", m.group, m.detector) for m in messages[1:])
 
 
-def test_an_object_store_write_that_keeps_failing_fails_with_its_reason(ctx: Context) -> None:
+@pytest.mark.parametrize("through", ["lsst-resources", "the S3 client"])
+def test_an_object_store_write_that_keeps_failing_fails_with_its_reason(ctx: Context, through: str) -> None:
     from lsst.resources import ResourcePath
 
-    _process(ctx, NIGHT_START + 5500)
+    _process(ctx, NIGHT_START + 5500 + (through == "the S3 client") * 300)
     message = _messages(ctx)[0]
     local = repos_of(ctx).local("SimCam", message.detector)
     outputs = [f.ref["id"] for f in message.files]
-    with pytest.raises(ExportWriteError, match="failed 4 times"):
+    with pytest.raises(ExportWriteError, match="no-such-bucket.*failed 4 times"):
         stage_outputs(local, ResourcePath("s3://no-such-bucket/central/", forceDirectory=True),
                       instrument="SimCam", group=message.group, detector=message.detector, visit=1,
-                      run=message.run, outputs=outputs, raws=[], dataset_types=None)
+                      run=message.run, outputs=outputs, raws=[], dataset_types=None,
+                      client=ctx.s3 if through == "the S3 client" else None)
 
 
 def test_a_failed_batch_is_retried_without_rerunning_the_pipeline(ctx: Context) -> None:

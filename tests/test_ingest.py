@@ -121,3 +121,18 @@ def test_check_header_names_every_contradiction() -> None:
         check_header(header, expected, "s3://raws/x")
     assert "detector 4, expected 3" in str(info.value) and "group 'other'" in str(info.value)
     check_header({**header, "DETECTOR": 3, "GROUPID": expected.group}, expected, "s3://raws/x")
+
+
+@pytest.mark.parametrize("client", [False, True], ids=["lsst-resources", "S3 client"])
+def test_a_raw_gone_from_the_bucket_is_a_bad_raw_and_an_unreachable_server_a_retry(ctx: Context, client: bool) -> None:
+    from prompt_tasks.butler.ingest import fetch_raw, raw_uri
+    from prompt_tasks.errors import RetryLater
+    from prompt_tasks.objstore import configure_s3, make_client
+
+    configure_s3(ctx.settings)
+    with pytest.raises(BadRaw, match="not found"):
+        fetch_raw(raw_uri(ctx.settings, "SimCam/1/no-such-group/0.fits"), ctx.s3 if client else None)
+    if client:  # nothing listens on port 9: the read is to be retried later, not a bad raw
+        dead = make_client(ctx.settings.model_copy(update={"s3_endpoint": "http://127.0.0.1:9"}))
+        with pytest.raises(RetryLater, match="unreachable"):
+            fetch_raw(raw_uri(ctx.settings, "SimCam/1/g/0.fits"), dead)

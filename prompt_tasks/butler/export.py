@@ -25,12 +25,14 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prompt_tasks.errors import PermanentError
+from prompt_tasks.objstore import put_bytes
 from prompt_tasks.store.keys import EXPORT_REQUESTS, export_done_key
 
 if TYPE_CHECKING:
     import redis
     from lsst.daf.butler import Butler
     from lsst.resources import ResourcePath
+    from minio import Minio
 
 __all__ = [
     "COPY_ATTEMPTS",
@@ -164,19 +166,22 @@ def dimension_records(local: Butler, data_ids: Iterable[Any], extra: Iterable[An
 SINGLE_PUT_BYTES = 64 * 1024 * 1024
 
 
-def _copy(source: ResourcePath, target: ResourcePath) -> None:
+def _copy(source: ResourcePath, target: ResourcePath, client: Minio | None = None) -> None:
     """Copy one file, retried with backoff; :class:`ExportWriteError` when it keeps failing.
 
-    A small file goes in one PUT: the multipart transfer's thread pool, made for every file,
-    cost more CPU than the upload itself.
+    A small file goes in one PUT (through ``client``, the S3 server's client, for an ``s3://``
+    target): the multipart transfer's thread pool, made for every file, cost more CPU than the
+    upload itself.
     """
     delay = COPY_BACKOFF_S
     for attempt in range(1, COPY_ATTEMPTS + 1):
         try:
-            if source.size() <= SINGLE_PUT_BYTES:
-                target.write(source.read(), overwrite=True)
-            else:
+            if source.size() > SINGLE_PUT_BYTES:
                 target.transfer_from(source, transfer="copy", overwrite=True)
+            elif client is not None and target.scheme == "s3":
+                put_bytes(client, str(target), source.read())
+            else:
+                target.write(source.read(), overwrite=True)
             return
         except Exception as exc:
             if attempt == COPY_ATTEMPTS:
@@ -189,8 +194,10 @@ def _copy(source: ResourcePath, target: ResourcePath) -> None:
 
 def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str, group: str, detector: int,
                   visit: int, run: str, outputs: Iterable[str], raws: Iterable[str],
-                  dataset_types: Sequence[str] | None) -> ExportMessage:
+                  dataset_types: Sequence[str] | None, client: Minio | None = None) -> ExportMessage:
     """Copy the detector-visit's outputs (and ``raws``) into the central datastore; the message.
+
+    ``client``: the S3 server's client, for the copies into an ``s3://`` datastore (:func:`_copy`).
 
     ``outputs`` and ``raws`` are dataset ids of the local repo; outputs whose type is not
     :func:`wanted` stay local. The local registry is asked three times whatever the number of
@@ -213,7 +220,7 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
         relative = infos[0].path
         if ResourcePath(relative, forceAbsolute=False).isabs():
             raise ExportWriteError(f"export: {relative} is outside the local datastore {local_root}")
-        _copy(local_root.join(relative), central_root.join(relative))
+        _copy(local_root.join(relative), central_root.join(relative), client)
         message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), relative, infos[0].formatter))
     message.records = dimension_records(local, [ref.dataId for ref in refs],
                                         _visit_records(local, instrument, visit, detector))

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prompt_tasks.errors import BadRaw, RetryLater
-from prompt_tasks.objstore import configure_s3
+from prompt_tasks.objstore import configure_s3, get_bytes
 from prompt_tasks.settings import Settings
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
     from lsst.daf.butler import Butler, DatasetRef
+    from minio import Minio
 
 __all__ = [
     "IngestedSnap",
@@ -89,9 +90,10 @@ def _data_bytes(header: Header) -> int:
     return count * abs(int(header["BITPIX"])) // 8
 
 
-def fetch_raw(uri: str) -> bytes:
+def fetch_raw(uri: str, client: Minio | None = None) -> bytes:
     """The whole object at ``uri``, in one GET (the header is read from it, and the same bytes
-    are ingested: no second request, no download thread).
+    are ingested: no second request, no download thread). With ``client`` (the S3 server's
+    client) an ``s3://`` object is read through it, else through lsst-resources.
 
     Raises
     ------
@@ -103,6 +105,8 @@ def fetch_raw(uri: str) -> bytes:
     from lsst.resources import ResourcePath
 
     try:
+        if client is not None and uri.startswith("s3://"):
+            return get_bytes(client, uri)
         return ResourcePath(uri).read()
     except FileNotFoundError as exc:
         raise BadRaw(f"{uri}: not found") from exc
@@ -203,9 +207,10 @@ class _Fetched:
     exposure: int
 
 
-def _fetch(uri: str, expected: VisitExpectation, translate: RecordsFromHeader, snap: int, key: str) -> _Fetched:
+def _fetch(uri: str, expected: VisitExpectation, translate: RecordsFromHeader, snap: int, key: str,
+           client: Minio | None = None) -> _Fetched:
     """Read the raw at ``uri`` (one GET), check its header and translate it; nothing is written."""
-    data = fetch_raw(uri)
+    data = fetch_raw(uri, client)
     header = parse_header(data, uri)
     check_header(header, expected, uri)
     try:
@@ -289,14 +294,16 @@ def _staged(butler: Butler, data: bytes) -> Iterator[str]:
 
 
 def ingest_snaps(settings: Settings, butler: Butler, snaps: Mapping[int, str], expected: VisitExpectation,
-                 translate: RecordsFromHeader, run: str, known: dict[str, Any] | None = None) -> list[IngestedSnap]:
+                 translate: RecordsFromHeader, run: str, known: dict[str, Any] | None = None,
+                 client: Minio | None = None) -> list[IngestedSnap]:
     """Ingest every snap (snap number → object key) of a detector-visit, in snap order.
 
-    Every raw is read and checked first, then all are written in one transaction: a bad raw
-    leaves the local repo as it was.
+    Every raw is read (through ``client`` when given, :func:`fetch_raw`) and checked first,
+    then all are written in one transaction: a bad raw leaves the local repo as it was.
     """
     configure_s3(settings)
-    fetched = [_fetch(raw_uri(settings, key), expected, translate, snap, key) for snap, key in sorted(snaps.items())]
+    fetched = [_fetch(raw_uri(settings, key), expected, translate, snap, key, client)
+               for snap, key in sorted(snaps.items())]
     return _write(butler, fetched, expected, run, known)
 
 

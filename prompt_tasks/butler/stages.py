@@ -347,7 +347,7 @@ def ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
     expected = VisitExpectation(visit.instrument, int(detector), visit.groupId, visit.filters)
     run = _instrument(plugin).makeDefaultRawIngestRunName()
     ingested = ingest_snaps(ctx.settings, local, snaps, expected, plugin.translator, run,
-                            known=repos.known(visit.instrument, detector))
+                            known=repos.known(visit.instrument, detector), client=ctx.s3)
     visit_ids = {r["id"] for s in ingested for r in s.records.get("visit", [])}
     day_obs = ingested[0].records["day_obs"][0]["id"]
     return _status(
@@ -413,7 +413,7 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
         local, central_datastore(repos.central), instrument=visit.instrument, group=visit.groupId,
         detector=int(detector), visit=int(data.get("visit") or exposures[0]), run=str(outcome.run),
         outputs=outcome.outputs, raws=[str(r) for r in data.get("raws") or []] if ctx.settings.export_raws else [],
-        dataset_types=ctx.settings.export_dataset_types,
+        dataset_types=ctx.settings.export_dataset_types, client=ctx.s3,
     )
     enqueue(ctx.redis, message)
     if poke_export is not None:
