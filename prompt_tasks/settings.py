@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     deadline_margin_s: float = Field(120.0, description="Visit deadline after its expected end (s).")
     wait_margin_s: float = Field(120.0, description="wait_for_snap timeout after the visit's expected end (s).")
     quiet_period_s: float = Field(10.0, description="nimages=0: end a wait after this long with no new snap (s).")
+    wait_poll_s: float = Field(5.0, gt=0, description=(
+        "Longest single block of a snap wait on its wake key (s). Arrivals, the visit's end and "
+        "an abort wake a waiter at once; the slice only bounds how late a redelivered twin that "
+        "lost its wake token sees its snaps. Each slice costs a few Redis round trips."))
     arrival_ttl_s: int = Field(2 * 24 * 3600, description="How long unclaimed arrivals stay indexed (s).")
 
     # --- operations -----------------------------------------------------------------------

@@ -11,8 +11,9 @@
   must not lose an image), and the wait ends ``ok`` if that completes it, ``timed_out``
   otherwise.
 
-It blocks with ``BLPOP`` on the detector's wake key, in slices of at most ``poll_s`` so a
-waiter that lost a wake token to a twin (a redelivered task) still notices within a slice.
+It blocks with ``BLPOP`` on the detector's wake key, in slices of at most ``poll_s``
+(``settings.wait_poll_s``) so a waiter that lost a wake token to a twin (a redelivered task)
+still notices within a slice.
 Pure I/O: run it on the gevent ``wait`` worker, never in a compute pool.
 """
 
@@ -125,7 +126,7 @@ def wait_for_snaps(
     timeout: float | None = None,
     *,
     quiet_period: float | None = None,
-    poll_s: float = 1.0,
+    poll_s: float | None = None,
     clock: Callable[[], float] = time.time,
 ) -> StageStatus:
     """Wait until the detector-visit's snaps are in the bucket (see the module docstring).
@@ -147,7 +148,7 @@ def wait_for_snaps(
         ``nimages`` 0: end after this long with no new snap past ``expected_end``;
         default ``settings.quiet_period_s``.
     poll_s
-        Longest single block on the wake key.
+        Longest single block on the wake key; default ``settings.wait_poll_s``.
     clock
         The time source (Unix seconds).
 
@@ -183,7 +184,8 @@ def wait_for_snaps(
 
     try:
         register_waiter(redis, instrument, group, detector, settings.arrival_ttl_s)
-        return _wait(ctx, plan, instrument, group, detector, data, status, poll_s, clock)
+        return _wait(ctx, plan, instrument, group, detector, data, status,
+                     settings.wait_poll_s if poll_s is None else poll_s, clock)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise RetryLater(f"events Redis unavailable while waiting: {exc}", delay=2.0) from exc
     finally:
