@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +26,7 @@ __all__ = [
     "configure_s3",
     "ensure_bucket",
     "ensure_plain_bucket",
+    "exists_many",
     "get_bytes",
     "header_reader",
     "health_live",
@@ -172,6 +173,24 @@ def put_bytes(client: Minio, uri: str, data: bytes) -> None:
 
     bucket, key = _bucket_and_key(uri)
     client.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def exists_many(client: Minio, uris: Sequence[str]) -> dict[str, bool]:
+    """Whether each ``s3://bucket/key`` object exists, one HEAD each through ``client``.
+
+    Raises
+    ------
+    ConnectionError
+        Some object could not be checked (server unreachable or failing): nothing is concluded.
+    """
+    check = object_checker(client)
+    found: dict[str, bool] = {}
+    for uri in uris:
+        there = check(*_bucket_and_key(uri))
+        if there is None:
+            raise ConnectionError(f"{uri}: existence could not be checked")
+        found[uri] = there
+    return found
 
 
 def object_checker(client: Minio) -> Callable[[str, str], bool | None]:
