@@ -213,7 +213,7 @@ def test_an_object_store_write_that_keeps_failing_fails_with_its_reason(ctx: Con
     message = _messages(ctx)[0]
     local = repos_of(ctx).local("SimCam", message.detector)
     outputs = [f.ref["id"] for f in message.files]
-    with pytest.raises(ExportWriteError, match="no-such-bucket.*failed 4 times"):
+    with pytest.raises(ExportWriteError, match=r"no-such-bucket.*failed 4 times"):
         stage_outputs(local, ResourcePath("s3://no-such-bucket/central/", forceDirectory=True),
                       instrument="SimCam", group=message.group, detector=message.detector, visit=1,
                       run=message.run, outputs=outputs, raws=[], dataset_types=None,
@@ -270,3 +270,15 @@ def test_a_message_the_registry_refuses_is_parked_and_its_batch_still_registered
     (parked,) = [json.loads(x) for x in ctx.redis.lrange(EXPORT_FAILED, 0, -1)]
     assert parked["reason"].startswith("refused by the registry") and clash.files[0].ref["id"] in parked["message"]
     assert all(is_exported(ctx.redis, "SimCam", m.group, m.detector) for m in others)
+
+
+def test_an_existence_check_the_server_cannot_answer_is_a_retry_not_a_missing_file(settings: Settings) -> None:
+    """The writer parks a message whose files are missing; an S3 server that does not answer
+    must not pass for "missing" (the batch is retried later instead)."""
+    from prompt_tasks.flow.retry import is_transient
+    from prompt_tasks.objstore import exists_many, make_client
+
+    dead = make_client(settings.model_copy(update={"s3_endpoint": "http://127.0.0.1:9"}))
+    with pytest.raises(ConnectionError, match="could not be checked") as caught:
+        exists_many(dead, ["s3://central/SimCam/prompt/x.fits"])
+    assert is_transient(caught.value)
