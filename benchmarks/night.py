@@ -470,6 +470,7 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     ours["cpu"]["check"] = cpu.check(ours["cpu"])
     ours["cpu"]["warm_stages_per_detector_visit"] = stats.warm_stage_cpu(flat)
     ours["cpu"].update(framework_cpu(ours["cpu"], stats.payload_cpu(flat)))
+    ours["cpu"]["framework_per_warm_detector_visit"] = warm_framework(ours["cpu"], stats.warm_framework_stage_cpu(flat))
     ours["cpu"]["redis_commands_per_detector_visit"] = round(commands / len(flat), 1) if flat else None
     ours["machine_window"] = cpu.machine_window(machine_before, machine_after, ours["cpu"]["total_cpu_s"])
     result["ours"] = ours
@@ -597,6 +598,23 @@ def framework_cpu(accounting: dict[str, Any], payload_s: float) -> dict[str, Any
             "payload_per_detector_visit": round(payload_s / n, 4) if n else None}
 
 
+def warm_framework(accounting: dict[str, Any], warm_stages_s: float | None) -> float | None:
+    """The framework's CPU per detector-visit of a night's steady state: the compute stages of
+    warm detector-visits (``warm_stages_s``, quanta left out) plus everything outside the compute
+    stages (Celery in the compute workers, waits, dispatcher, intake, summaries and registry
+    writer, Redis, S3) per detector-visit of the whole run.
+
+    A real night runs hundreds of visits per detector, so each detector's first visit (a new
+    local repo, pipelines loaded, a night's run opened) weighs a few tenths of a percent; in a
+    3-visit benchmark it weighs a third."""
+    n = accounting["detector_visits"]
+    if not n or warm_stages_s is None:
+        return None
+    compute_stages = sum(accounting["stages"].get(stage) or 0.0 for stage in ("prepare", "ingest", "run"))
+    outside = max(accounting["total_cpu_s"] - compute_stages, 0.0) / n
+    return round(warm_stages_s + outside, 4)
+
+
 #: The framework's CPU per detector-visit that the fleet must stay under (s).
 FRAMEWORK_CPU_GOAL_S = 0.15
 
@@ -621,6 +639,10 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     framework = result.get("ours", {}).get("cpu", {}).get("framework_per_detector_visit")
     out.append({"goal": f"framework CPU per detector-visit ≤ {FRAMEWORK_CPU_GOAL_S:g} s", "value": framework,
                 "met": None if framework is None else framework <= FRAMEWORK_CPU_GOAL_S})
+    steady = result.get("ours", {}).get("cpu", {}).get("framework_per_warm_detector_visit")
+    if steady is not None:
+        out.append({"goal": f"framework CPU per warm detector-visit ≤ {FRAMEWORK_CPU_GOAL_S:g} s (a night's steady state)",
+                    "value": steady, "met": steady <= FRAMEWORK_CPU_GOAL_S})
     if result.get("options", {}).get("pipeline") == "Trivial":  # the goal is Trivial's graph
         # its CPU time: what it takes on an idle core, whether or not this run saturates the machine
         graph = stages.get("graph build CPU (warm)", {}).get("p50")

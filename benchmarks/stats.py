@@ -499,6 +499,17 @@ def payload_cpu(visits: Iterable[DetectorVisit]) -> float:
     return round(sum(dv.run_parts.get("execute_cpu", 0.0) for dv in visits), 4)
 
 
+def warm_framework_stage_cpu(visits: Iterable[DetectorVisit],
+                              stages: Sequence[str] = ("prepare", "ingest", "run")) -> float | None:
+    """Mean CPU seconds of ``stages`` per warm detector-visit without its pipeline's quanta
+    (``run.execute_cpu``): the compute stages' framework cost in a worker past its first visit."""
+    warm_visits = warm(dv for dv in visits if all(stage in dv.cpu for stage in stages))
+    if not warm_visits:
+        return None
+    own = [sum(dv.cpu[stage] for stage in stages) - dv.run_parts.get("execute_cpu", 0.0) for dv in warm_visits]
+    return round(sum(own) / len(own), 4)
+
+
 def warm_stage_cpu(visits: Iterable[DetectorVisit], stages: Sequence[str] = ("prepare", "ingest", "run")
                    ) -> dict[str, Any]:
     """CPU seconds of ``stages`` per warm detector-visit (each detector's first visit left out):

@@ -11,7 +11,7 @@ small as its purpose allows on a shared 2-core machine:
     2 detectors of 2048², ApPipe, 3 visits, sized the same way: ApPipe's CPU per
     detector-visit for the capacity estimate (baseline 1 visit × 2 detectors);
 ``fleet-189``
-    benchmark (b)'s shape: 189 detectors of 64², Trivial, 3 visits × 2 snaps at the real 37 s cadence on
+    benchmark (b)'s shape: 189 detectors of 64², Trivial, 5 visits × 2 snaps at the real 37 s cadence on
     4 compute workers (saturated: it measures cost, not latency): the framework's CPU per
     detector-visit, the warm quantum-graph build, and 20 announcements of 189 detectors
     (baseline: 1 visit × 4 detectors);
@@ -69,7 +69,7 @@ def _unsaturated_appipe(out: Path, console: Console) -> None:
 
 def _fleet_189(out: Path, console: Console) -> None:
     _fresh(out, "fleet-189")
-    run_bench(BenchOptions(name="fleet-189", detectors=189, size=64, pipeline="Trivial", visits=3, snaps=2,
+    run_bench(BenchOptions(name="fleet-189", detectors=189, size=64, pipeline="Trivial", visits=5, snaps=2,
                            exptime=2.0, cadence=37.0, lead=20.0, workers=4, baseline_visits=1, baseline_detectors=4,
                            announce_visits=20, cold_start=False, out=out, results=RESULTS, quiet=True),
               Settings(), console)

@@ -11,9 +11,9 @@ import pytest
 
 from benchmarks.capacity import estimate, from_results
 from benchmarks.cpu import account, check, group_of, machine_window, snapshot, tree_cpu
-from benchmarks.night import BenchOptions, unsaturated
+from benchmarks.night import BenchOptions, unsaturated, warm_framework
 from benchmarks.readme import BEGIN, END, goal_rows, rewrite
-from benchmarks.stats import detector_visits, queue_shares, stage_cpu, warm_stage_cpu
+from benchmarks.stats import detector_visits, queue_shares, stage_cpu, warm_framework_stage_cpu, warm_stage_cpu
 
 T = 1_800_000_000.0
 
@@ -96,6 +96,12 @@ def test_stage_cpu_and_queue_shares() -> None:
     assert stage_cpu(visits) == {"prepare": 0.7, "ingest": pytest.approx(0.3), "run": 0.9}
     warm = warm_stage_cpu(visits)
     assert warm["n"] == 1 and warm["median"] == pytest.approx(0.6)
+    visits[1].run_parts["execute_cpu"] = 0.25  # the quanta: payload, not framework
+    assert warm_framework_stage_cpu(visits) == pytest.approx(0.35)
+    # steady state: the warm compute stages plus everything outside the compute stages per dv
+    accounting = {"detector_visits": 2, "total_cpu_s": 2.0, "stages": {"prepare": 0.7, "ingest": 0.3, "run": 0.9}}
+    assert warm_framework(accounting, 0.35) == pytest.approx(0.35 + (2.0 - 1.9) / 2)
+    assert warm_framework(accounting, None) is None
     shares = queue_shares(visits)
     assert shares["last snap→pipeline start"]["p50"] == pytest.approx(0.5)
     assert shares["last snap→pipeline start"]["queued_share"] == 0.0
