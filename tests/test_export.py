@@ -174,6 +174,28 @@ def test_many_detector_visits_few_transactions_and_rerun_changes_nothing(ctx: Co
     central.registry.refresh()
     assert _central_state(central, run_name) == after
 
+    # and so does one without the files' datastore records (registered by Butler.ingest instead)
+    assert all(f.stored for m in messages for f in m.files)
+    for message in messages:
+        for staged in message.files:
+            staged.stored = None
+        enqueue(ctx.redis, message)
+    bare = drain(ctx, central, scheduled.append, force=True)
+    assert bare.batches == 1 and bare.requests == 6 and bare.dropped == 0
+    central.registry.refresh()
+    assert _central_state(central, run_name) == after
+    # a new detector-visit sent that way is registered too
+    _process(ctx, NIGHT_START + 3000 + 60 * 2)
+    fresh = _messages(ctx)
+    ctx.redis.delete(EXPORT_REQUESTS)
+    for message in fresh:
+        for staged in message.files:
+            staged.stored = None
+        enqueue(ctx.redis, message)
+    assert drain(ctx, central, scheduled.append, force=True).requests == len(DETECTORS)
+    central.registry.refresh()
+    assert _central_state(central, run_name)[1] == after[1] + len(DETECTORS)
+
 
 def test_batches_are_bounded_by_count(ctx: Context) -> None:
     _process(ctx, NIGHT_START + 4000)

@@ -5,7 +5,8 @@ heavy part of export itself: it copies each output file (and the raws, with
 ``settings.export_raws``) from its local repo into the central repo's datastore (the object
 store, for an S3-backed central repo), at the same path relative to the datastore root, and
 queues an :class:`ExportMessage` holding what registration needs: the dataset refs (ids kept),
-the dimension records of their data ids and of the visit, and each file's path and formatter.
+the dimension records of their data ids and of the visit, and each file's datastore record
+(path, formatter, storage class, size, checksum).
 The single registry writer (:mod:`prompt_tasks.butler.writer`) registers batches of these
 messages; it reads no compute host's disk.
 
@@ -71,6 +72,9 @@ class StagedFile:
     path: str
     #: Formatter class the local datastore wrote it with.
     formatter: str | None = None
+    #: ``StoredFileInfo.to_simple()`` of the file in the local datastore (the path is the same
+    #: centrally): the writer registers it as it is, without looking at the file again.
+    stored: dict[str, Any] | None = None
 
 
 @dataclass
@@ -221,7 +225,8 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
         if ResourcePath(relative, forceAbsolute=False).isabs():
             raise ExportWriteError(f"export: {relative} is outside the local datastore {local_root}")
         _copy(local_root.join(relative), central_root.join(relative), client)
-        message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), relative, infos[0].formatter))
+        message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), relative, infos[0].formatter,
+                                        infos[0].to_simple().model_dump(mode="json")))
     message.records = dimension_records(local, [ref.dataId for ref in refs],
                                         _visit_records(local, instrument, visit, detector))
     return message

@@ -4,8 +4,9 @@ Compute workers have already written the files into the central datastore
 (:mod:`prompt_tasks.butler.export`); the writer only registers them. It drains the Redis list
 of messages under a lock, so one writer runs at a time, and registers up to
 ``settings.export_batch`` messages in one central transaction: dimension records inserted with
-``skip_existing``, then ``Butler.ingest(transfer=None, skip_existing=True)`` of the files where
-they already are. The central registry sees a few large transactions instead of hundreds of
+``skip_existing``, the datasets imported with their ids, and the datastore records the compute
+worker sent registered as they are (:func:`_register_files`; ``Butler.ingest(transfer=None)``
+for a file sent without its record). The central registry sees a few large transactions instead of hundreds of
 small concurrent ones. A partial batch is written once its oldest message is
 ``settings.export_max_age_s`` old (one delayed flush is scheduled at a time).
 
@@ -26,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,12 +122,14 @@ def register_batch(central: Butler, items: Sequence[str],
         SerializedDatasetRef,
         SerializedDimensionRecord,
     )
+    from lsst.daf.butler.datastore.stored_file_info import SerializedStoredFileInfo, StoredFileInfo
     from lsst.resources import ResourcePath
 
     universe = central.dimensions
     root = central._datastore.root
     parked: list[Parked] = []
     work: list[tuple[ExportMessage, list[FileDataset], dict[str, list[Any]]]] = []
+    stored: dict[Any, Any] = {}  # dataset id → the StoredFileInfo its compute worker sent
     for item in items:
         try:
             message = ExportMessage.from_json(item)
@@ -134,6 +137,8 @@ def register_batch(central: Butler, items: Sequence[str],
                                  refs=[DatasetRef.from_simple(SerializedDatasetRef(**f.ref), universe=universe)],
                                  formatter=f.formatter)
                      for f in message.files]
+            infos = {dataset.refs[0].id: StoredFileInfo.from_simple(SerializedStoredFileInfo(**f.stored))
+                     for f, dataset in zip(message.files, files, strict=True) if f.stored is not None}
             # dependencies first (the message's JSON object does not keep an order)
             records = {element.name: [DimensionRecord.from_simple(SerializedDimensionRecord(**r), universe=universe)
                                       for r in message.records[element.name]]
@@ -145,6 +150,7 @@ def register_batch(central: Butler, items: Sequence[str],
             parked.append(Parked(item, f"files written to {message.datastore_root}, not this datastore ({root})"))
             continue
         work.append((message, files, records))
+        stored.update(infos)
     # One round of HEADs for the whole batch: a message whose files are missing is parked.
     uris = [str(f.path) for _, files, _ in work for f in files]
     if exists is None:
@@ -170,8 +176,35 @@ def register_batch(central: Butler, items: Sequence[str],
         for element, element_records in records.items():
             central.registry.insertDimensionData(element, *element_records, skip_existing=True)
         if files:
-            central.ingest(*files, transfer=None, record_validation_info=False, skip_existing=True)
+            _register_files(central, files, stored)
     return len(refs), [m for m, _, _ in usable], parked
+
+
+def _register_files(central: Butler, files: Sequence[Any], stored: Mapping[Any, Any]) -> None:
+    """Register ``files`` (already in the central datastore) inside the caller's transaction.
+
+    A file whose datastore record came with it (``stored``: dataset id → ``StoredFileInfo``) is
+    registered as it is: its dataset imported with its id, the record added unless already
+    there. ``Butler.ingest(transfer=None)``, used for the others, would look at every file
+    again (a HEAD each) and resolve its formatter, which the compute worker that wrote the file
+    has already done. A dataset applied twice is registered once either way.
+    """
+    from lsst.daf.butler.registry.interfaces import DatabaseInsertMode
+
+    known = [f for f in files if all(ref.id in stored for ref in f.refs)]
+    rest = [f for f in files if not all(ref.id in stored for ref in f.refs)]
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for dataset in known:
+        for ref in dataset.refs:  # imported together: one run and one set of dimensions
+            groups.setdefault((str(ref.run), str(ref.datasetType.dimensions)), []).append(ref)
+    for key in sorted(groups):  # runs in name order: concurrent writers lock them in one order
+        central._registry._importDatasets(groups[key], expand=True)
+    if known:
+        central._datastore._register_datasets(
+            [(ref, stored[ref.id]) for dataset in known for ref in dataset.refs],
+            insert_mode=DatabaseInsertMode.ENSURE)
+    if rest:
+        central.ingest(*rest, transfer=None, record_validation_info=False, skip_existing=True)
 
 
 def _merged(universe: Any, usable: Sequence[tuple[ExportMessage, list[Any], dict[str, list[Any]]]]
