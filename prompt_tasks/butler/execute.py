@@ -340,6 +340,7 @@ def build_graph(run_butler: Butler, executor: Any, candidate: LoadedPipeline, wh
     from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
     pipeline_graph = candidate.graph.copy() if candidate.graph is not None else candidate.pipeline.to_graph()
+    # the executor's own skip and clobber choices (:func:`open_run`): graph and execution agree
     builder = AllDimensionsQuantumGraphBuilder(
         pipeline_graph, _BuiltOnce(run_butler), where=where, bind=bind,
         skip_existing_in=executor._skip_existing_in or (), clobber=executor._clobber_output,

@@ -6,9 +6,9 @@ of messages under a lock, so one writer runs at a time, and registers up to
 ``settings.export_batch`` messages in one central transaction: dimension records inserted with
 ``skip_existing``, the datasets imported with their ids, and the datastore records the compute
 worker sent registered as they are (:func:`_register_files`; ``Butler.ingest(transfer=None)``
-for a file sent without its record). The central registry sees a few large transactions instead of hundreds of
-small concurrent ones. A partial batch is written once its oldest message is
-``settings.export_max_age_s`` old (one delayed flush is scheduled at a time).
+for a file sent without its record). The central registry sees a few large transactions
+instead of hundreds of small concurrent ones. A partial batch is written once its oldest
+message is ``settings.export_max_age_s`` old (one delayed flush is scheduled at a time).
 
 At least once, and idempotent: a message leaves the list only after its batch is committed
 (a writer killed mid-batch loses nothing); dataset ids are the compute worker's, so a message
