@@ -13,6 +13,7 @@ are TAI.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,8 +43,10 @@ VISIT_SYSTEM = 1
 _MIN_SPAN = 1 * u.ms
 
 
+@functools.lru_cache(maxsize=64)
 def day_obs_timespan(day_obs: int) -> Timespan:
-    """The observing day ``day_obs`` as a TAI timespan (12:00 to 12:00 TAI)."""
+    """The observing day ``day_obs`` as a TAI timespan (12:00 to 12:00 TAI); remembered, as every
+    raw of the night asks for the same one (a Timespan is immutable)."""
     start = datetime.strptime(str(day_obs), "%Y%m%d") + timedelta(hours=12)
     begin = Time(start.isoformat(), scale="tai")
     return Timespan(begin, begin + 1 * u.day)
