@@ -113,18 +113,23 @@ def ensure_bucket(
         client.delete_bucket_notification(bucket)
 
 
+def _get(client: Minio, bucket: str, key: str, length: int = 0) -> bytes:
+    """One GET of an object (its first ``length`` bytes, all when 0), the connection given back."""
+    response = client.get_object(bucket, key, offset=0, length=length)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
 def read_object(client: Minio, bucket: str, key: str, length: int | None = None) -> bytes | None:
     """The bytes of an object (its first ``length`` bytes when given), or None when it cannot be read.
 
     Missing, unreachable or refused reads as None, logged: callers decide what None means.
     """
     try:
-        response = client.get_object(bucket, key, offset=0, length=length or 0)
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+        return _get(client, bucket, key, length or 0)
     except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
         missing = isinstance(exc, S3Error) and exc.code == "NoSuchKey"  # e.g. a sidecar not there yet
         log.log(logging.DEBUG if missing else logging.WARNING, "%s/%s not readable: %s", bucket, key, exc)
@@ -153,12 +158,7 @@ def get_bytes(client: Minio, uri: str) -> bytes:
     """
     bucket, key = _bucket_and_key(uri)
     try:
-        response = client.get_object(bucket, key)
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+        return _get(client, bucket, key)
     except S3Error as exc:
         if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
             raise FileNotFoundError(f"{uri}: {exc.code}") from exc
