@@ -10,8 +10,9 @@ is a no-op.
 Every problem with a raw raises :class:`~prompt_tasks.errors.BadRaw` with a readable reason;
 a detector-visit's raws are all read and checked before any is written, then written in one
 transaction (one insert per dimension element, one ``Butler.ingest``), so a refused raw leaves
-the local repo as it was. S3 access goes through lsst-resources, configured from the settings by
-:func:`prompt_tasks.objstore.configure_s3`.
+the local repo as it was. Raws are read through the S3 server's minio client when the caller
+gives one (:func:`fetch_raw`; the detector stages do), else through lsst-resources, configured
+from the settings by :func:`prompt_tasks.objstore.configure_s3`.
 """
 
 from __future__ import annotations
