@@ -20,7 +20,15 @@ if TYPE_CHECKING:
     from celery import Celery
     from minio import Minio
 
-__all__ = ["Context", "context_of", "drop_context", "settings_of"]
+__all__ = ["REDIS_READ_TIMEOUT_S", "Context", "context_of", "drop_context", "settings_of"]
+
+#: Longest wait for a reply of the events Redis (s), set explicitly: redis-py's default (5 s)
+#: is shorter than a snap wait's block on its wake key can be, and a block outliving the
+#: socket's timeout ends in a timeout error instead of an empty reply. Blocking reads stay
+#: under it (:data:`BLOCK_MARGIN_S` less).
+REDIS_READ_TIMEOUT_S = 15.0
+#: How much shorter than :data:`REDIS_READ_TIMEOUT_S` a blocking read must be (s).
+BLOCK_MARGIN_S = 2.0
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Context:
             socket_keepalive=True,
             health_check_interval=10,
             retry_on_timeout=True,
+            socket_timeout=REDIS_READ_TIMEOUT_S,
         )
 
     @cached_property

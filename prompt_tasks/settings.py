@@ -140,7 +140,8 @@ class Settings(BaseSettings):
     wait_poll_s: float = Field(5.0, gt=0, description=(
         "Longest single block of a snap wait on its wake key (s). Arrivals, the visit's end and "
         "an abort wake a waiter at once; the slice only bounds how late a redelivered twin that "
-        "lost its wake token sees its snaps. Each slice costs a few Redis round trips."))
+        "lost its wake token sees its snaps. Each slice costs a few Redis round trips. At most 13 s "
+        "are used (the events Redis client's read timeout, 15 s, less a margin)."))
     arrival_ttl_s: int = Field(2 * 24 * 3600, description="How long unclaimed arrivals stay indexed (s).")
 
     # --- operations -----------------------------------------------------------------------

@@ -147,6 +147,15 @@ def test_nothing_arrives_times_out(ctx: Context) -> None:
     assert status.data["snaps"] == {} and status.data["listed"] == []
 
 
+def test_a_block_longer_than_redis_py_default_read_timeout_is_no_error(ctx: Context) -> None:
+    """A 6 s slice on the wake key: redis-py's default read timeout (5 s) would end it in a
+    timeout error, and every wait would be retried (a task resent, ~2 s late) instead."""
+    started = time.monotonic()
+    status = wait_for_snaps(ctx, "SimCam", _group(), 9, 1, time.time(), timeout=6.5, poll_s=6.0)
+    assert status.outcome is Outcome.TIMED_OUT and status.code == "timed_out"
+    assert time.monotonic() - started >= 6.0
+
+
 def test_default_timeout_is_expected_end_plus_margin(ctx: Context) -> None:
     status = wait_for_snaps(ctx, "SimCam", _group(), 9, 1, time.time() - ctx.settings.wait_margin_s)
     assert status.outcome is Outcome.TIMED_OUT

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from prompt_tasks.context import BLOCK_MARGIN_S, REDIS_READ_TIMEOUT_S
 from prompt_tasks.errors import InvalidEvent, RetryLater
 from prompt_tasks.model.objectkeys import instrument_of, resolve, scheme_for
 from prompt_tasks.model.status import Outcome, StageStatus
@@ -210,7 +211,8 @@ def _wait(ctx: Context, plan: WaitPlan, instrument: str, group: str, detector: i
             return status(Outcome.OK, state.arrivals)
         if now >= plan.deadline:
             return _at_timeout(ctx, plan, instrument, group, detector, data, status)
-        block = min(max(look_again - now, 0.01), poll_s)
+        # a block outliving the client's read timeout would end in a timeout error
+        block = min(max(look_again - now, 0.01), poll_s, REDIS_READ_TIMEOUT_S - BLOCK_MARGIN_S)
         if redis.blpop([wake], timeout=block) is not None:
             data["wakeups"] += 1
 
