@@ -120,7 +120,9 @@ class Settings(BaseSettings):
     export_dataset_types: list[str] | None = Field(
         None, description="Outputs written to the central repo; default: all but logs, metadata, configs."
     )
-    export_raws: bool = Field(True, description="Also export the raws to the central repo.")
+    export_raws: bool = Field(True, description=(
+        "Also register the raws in the central repo, where they are: the raw bucket's objects "
+        "(not copied; the raw bucket must keep them as long as the central repo names them)."))
     export_batch: int = Field(50, description="Most detector-visits exported in one central transaction.")
     export_max_age_s: float = Field(5.0, description="Export a partial batch once its oldest request is this old (s).")
     payload: str = Field(

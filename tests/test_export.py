@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,9 @@ def test_many_detector_visits_few_transactions_and_rerun_changes_nothing(ctx: Co
     assert str(root).startswith("s3://")  # the default central datastore is on the S3 server
     assert all(str(root) == m.datastore_root and m.files for m in messages)
     assert all(root.join(f.path).exists() for m in messages for f in m.files)  # written by the compute side
+    # a raw is not copied: its file is the raw bucket's object it was ingested from
+    raw_files = [f for m in messages for f in m.files if f.ref["datasetType"]["name"] == "raw"]
+    assert len(raw_files) == 6 and all(f.path.startswith(f"s3://{ctx.settings.raw_bucket}/") for f in raw_files)
     run_name = messages[0].run
     before = _central_state(central, run_name)
     _forget_local_repos(ctx)
@@ -165,6 +169,8 @@ def test_many_detector_visits_few_transactions_and_rerun_changes_nothing(ctx: Co
     assert len(sent) == 6 and sent <= regions
     ref = central.query_datasets("raw_summary", collections=run_name, explain=False)[0]
     assert central.get(ref) is not None and str(central.getURI(ref)).startswith(str(root))
+    raw = central.get_dataset(uuid.UUID(raw_files[0].ref["id"]))
+    assert raw is not None and str(central.getURI(raw)) == raw_files[0].path and central.get(raw) is not None
 
     # a message applied twice registers once
     for message in messages:
@@ -238,7 +244,7 @@ def test_an_object_store_write_that_keeps_failing_fails_with_its_reason(ctx: Con
     with pytest.raises(ExportWriteError, match=r"no-such-bucket.*failed 4 times"):
         stage_outputs(local, ResourcePath("s3://no-such-bucket/central/", forceDirectory=True),
                       instrument="SimCam", group=message.group, detector=message.detector, visit=1,
-                      run=message.run, outputs=outputs, raws=[], dataset_types=None,
+                      run=message.run, outputs=outputs, raws={}, dataset_types=None,
                       client=ctx.s3 if through == "the S3 client" else None)
 
 

@@ -187,7 +187,7 @@ def test_full_visit_ends_in_the_central_repo_and_the_apdb(app: Celery, fleet: No
             refs = central.query_datasets(name, collections=runs[0], explain=False,
                                           data_id={"instrument": "SimCam", "visit": spec.visit})
             assert {r.dataId["detector"] for r in refs} == set(DETECTORS), name
-        # raws and outputs are readable from the central datastore
+        # raws (named where they are, in the raw bucket) and outputs are readable through the central repo
         assert central.get(raws[0]).data.shape == (256, 256)
         regions = {(r.visit, r.detector) for r in central.query_dimension_records(
             "visit_detector_region", instrument="SimCam", explain=False)}

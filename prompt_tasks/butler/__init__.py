@@ -7,7 +7,7 @@
 - :mod:`.cache`: the bounded cache of preloaded datasets;
 - :mod:`.ingest`: raws from the bucket into the local repo;
 - :mod:`.execute`: the one wrapper of the middleware's in-process executor;
-- :mod:`.export`: outputs and raws written into the central datastore by the compute worker;
+- :mod:`.export`: outputs written into the central datastore by the compute worker (raws named where they are);
 - :mod:`.central`: what the central repository says about the instruments (their cameras);
 - :mod:`.writer`: the registry writer: export messages registered in batches;
 - :mod:`.apdb`: the Alert Production Database's configuration.

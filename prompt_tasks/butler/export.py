@@ -1,12 +1,16 @@
 """Export, compute side: a detector-visit's outputs written straight into the central datastore.
 
 A fleet shares no disk between hosts, so the compute worker that ran the pipeline does the
-heavy part of export itself: it copies each output file (and the raws, with
-``settings.export_raws``) from its local repo into the central repo's datastore (the object
-store, for an S3-backed central repo), at the same path relative to the datastore root, and
-queues an :class:`ExportMessage` holding what registration needs: the dataset refs (ids kept),
-the dimension records of their data ids and of the visit, and each file's datastore record
-(path, formatter, storage class, size, checksum).
+heavy part of export itself: it copies each output file from its local repo into the central
+repo's datastore (the object store, for an S3-backed central repo), at the same path relative
+to the datastore root, and queues an :class:`ExportMessage` holding what registration needs:
+the dataset refs (ids kept), the dimension records of their data ids and of the visit, and each
+file's datastore record (path, formatter, storage class, size, checksum).
+
+Raws (with ``settings.export_raws``) are not copied: each is registered where it already is,
+the raw bucket's object it was ingested from (an absolute URI in its datastore record, as
+``transfer="direct"`` would record it). A visit's raws are most of its bytes; the raw bucket
+is their archive, and the central repo reads them from there.
 The single registry writer (:mod:`prompt_tasks.butler.writer`) registers batches of these
 messages; it reads no compute host's disk.
 
@@ -21,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +68,12 @@ class ExportWriteError(PermanentError):
 
 @dataclass
 class StagedFile:
-    """One file in the central datastore and the dataset it holds."""
+    """One file of the central repo and the dataset it holds."""
 
     #: ``DatasetRef.to_simple()`` of the dataset (its dataset type, data id, run and id).
     ref: dict[str, Any]
-    #: Path relative to the central datastore's root.
+    #: Path relative to the central datastore's root, or the absolute URI of a raw registered
+    #: where it is (the raw bucket's object).
     path: str
     #: Formatter class the local datastore wrote it with.
     formatter: str | None = None
@@ -197,22 +202,26 @@ def _copy(source: ResourcePath, target: ResourcePath, client: Minio | None = Non
 
 
 def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str, group: str, detector: int,
-                  visit: int, run: str, outputs: Iterable[str], raws: Iterable[str],
+                  visit: int, run: str, outputs: Iterable[str], raws: Mapping[str, str],
                   dataset_types: Sequence[str] | None, client: Minio | None = None) -> ExportMessage:
-    """Copy the detector-visit's outputs (and ``raws``) into the central datastore; the message.
+    """Copy the detector-visit's outputs into the central datastore; the message, which also
+    registers ``raws`` where they are.
 
     ``client``: the S3 server's client, for the copies into an ``s3://`` datastore (:func:`_copy`).
 
-    ``outputs`` and ``raws`` are dataset ids of the local repo; outputs whose type is not
-    :func:`wanted` stay local. The local registry is asked three times whatever the number of
-    files: the refs, their stored files, the visit's records; and expands each distinct data
-    id once.
+    ``outputs`` are dataset ids of the local repo; those whose type is not :func:`wanted` stay
+    local. ``raws`` maps the local id of each raw to register centrally to the URI of the
+    object it was ingested from (the same bytes): its central record points there. The local
+    registry is asked three times whatever the number of files: the refs, their stored files,
+    the visit's records; and expands each distinct data id once.
     """
     from lsst.resources import ResourcePath
 
     refs = [ref for ref in local.get_many_datasets([uuid.UUID(i) for i in outputs])
             if wanted(ref.datasetType.name, dataset_types)]
-    refs += list(local.get_many_datasets([uuid.UUID(i) for i in raws]))
+    raw_refs = list(local.get_many_datasets([uuid.UUID(i) for i in raws]))
+    sources = {ref.id: raws[str(ref.id)] for ref in raw_refs}
+    refs += raw_refs
     datastore = local._datastore
     stored = datastore._get_stored_records_associated_with_refs(refs)
     local_root = datastore.root
@@ -221,12 +230,15 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
         infos = stored.get(ref.id)
         if not infos:
             raise ExportWriteError(f"export: {ref} has no file in the local datastore")
-        relative = infos[0].path
-        if ResourcePath(relative, forceAbsolute=False).isabs():
-            raise ExportWriteError(f"export: {relative} is outside the local datastore {local_root}")
-        _copy(local_root.join(relative), central_root.join(relative), client)
-        message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), relative, infos[0].formatter,
-                                        infos[0].to_simple().model_dump(mode="json")))
+        info = infos[0]
+        if ref.id in sources:  # a raw: registered where it is, nothing copied
+            info = info.update(path=sources[ref.id])
+        elif ResourcePath(info.path, forceAbsolute=False).isabs():
+            raise ExportWriteError(f"export: {info.path} is outside the local datastore {local_root}")
+        else:
+            _copy(local_root.join(info.path), central_root.join(info.path), client)
+        message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), info.path, info.formatter,
+                                        info.to_simple().model_dump(mode="json")))
     message.records = dimension_records(local, [ref.dataId for ref in refs],
                                         _visit_records(local, instrument, visit, detector))
     return message

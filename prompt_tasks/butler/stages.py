@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from prompt_tasks.butler.apdb import apdb_config_path, open_apdb
 from prompt_tasks.butler.execute import LoadedPipeline, PipelineCache, remember_installed_packages, run_candidates
 from prompt_tasks.butler.export import enqueue, stage_outputs
-from prompt_tasks.butler.ingest import VisitExpectation, ingest_snaps
+from prompt_tasks.butler.ingest import VisitExpectation, ingest_snaps, raw_uri
 from prompt_tasks.butler.localrepo import repos_of
 from prompt_tasks.butler.preload import PreloadTarget, inputs_of, plan_preload, preload
 from prompt_tasks.butler.selection import (
@@ -412,7 +412,7 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     message = stage_outputs(
         local, central_datastore(repos.central), instrument=visit.instrument, group=visit.groupId,
         detector=int(detector), visit=int(data.get("visit") or exposures[0]), run=str(outcome.run),
-        outputs=outcome.outputs, raws=[str(r) for r in data.get("raws") or []] if ctx.settings.export_raws else [],
+        outputs=outcome.outputs, raws=_raw_sources(ctx, data) if ctx.settings.export_raws else {},
         dataset_types=ctx.settings.export_dataset_types, client=ctx.s3,
     )
     enqueue(ctx.redis, message)
@@ -422,6 +422,11 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     ran = f"ran {outcome.pipeline}" + (f" ({why})" if why else "")
     return _status("run", visit, detector, reason=ran, **outcome.to_dict(), skipped_reason=why,
                    export_queued=True)
+
+
+def _raw_sources(ctx: Context, ingest_data: Mapping[str, Any]) -> dict[str, str]:
+    """Local raw dataset id → URI of the raw bucket's object it was ingested from."""
+    return {str(s["dataset_id"]): raw_uri(ctx.settings, str(s["key"])) for s in ingest_data.get("snaps") or []}
 
 
 def _has_datasets(local: Butler, ids: list[str]) -> bool:

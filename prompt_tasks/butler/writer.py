@@ -185,7 +185,8 @@ def _register_files(central: Butler, files: Sequence[Any], stored: Mapping[Any, 
 
     A file whose datastore record came with it (``stored``: dataset id → ``StoredFileInfo``) is
     registered as it is: its dataset imported with its id, the record added unless already
-    there. ``Butler.ingest(transfer=None)``, used for the others, would look at every file
+    there. ``Butler.ingest`` (``transfer=None``, or ``"direct"`` for a raw registered in its raw
+    bucket), used for the others, would look at every file
     again (a HEAD each) and resolve its formatter, which the compute worker that wrote the file
     has already done. A dataset applied twice is registered once either way.
     """
@@ -203,8 +204,14 @@ def _register_files(central: Butler, files: Sequence[Any], stored: Mapping[Any, 
         central._datastore._register_datasets(
             [(ref, stored[ref.id]) for dataset in known for ref in dataset.refs],
             insert_mode=DatabaseInsertMode.ENSURE)
-    if rest:
-        central.ingest(*rest, transfer=None, record_validation_info=False, skip_existing=True)
+    # a file inside the datastore is registered where it is; a raw outside it (its raw bucket
+    # object) too, with its absolute URI recorded
+    root = central._datastore.root
+    inside = [f for f in rest if f.path.relative_to(root) is not None]
+    outside = [f for f in rest if f.path.relative_to(root) is None]
+    for datasets, transfer in ((inside, None), (outside, "direct")):
+        if datasets:
+            central.ingest(*datasets, transfer=transfer, record_validation_info=False, skip_existing=True)
 
 
 def _merged(universe: Any, usable: Sequence[tuple[ExportMessage, list[Any], dict[str, list[Any]]]]

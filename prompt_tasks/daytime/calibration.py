@@ -18,8 +18,8 @@ queue and notes it in the Redis hash ``calib-route:{instrument}:{group}`` (field
    into ``<instrument>/prompt/<day_obs>/<pipeline>/<hash>``;
 4. records the outcome (the :class:`~prompt_tasks.model.status.StageStatus` dict with the time of each
    part and the verification verdict) in the same hash, field ``{detector}:{snap}:result``, and
-   writes the outputs and the raw into the central datastore and queues their registration
-   (:mod:`prompt_tasks.butler.export`).
+   writes the outputs into the central datastore and queues their registration, and the raw's
+   where it is in the raw bucket (:mod:`prompt_tasks.butler.export`).
 
 A snap whose result is recorded is not processed again (a redelivered message returns the
 recorded status). No ``visit:`` ledger is written: it would make the group look announced.
@@ -227,7 +227,7 @@ def _process(ctx: Context, instrument: str, group: str, detector: int, snap: int
     enqueue(ctx.redis, stage_outputs(
         local, central_datastore(repos.central), instrument=instrument, group=group, detector=detector,
         visit=ingested.exposure, run=str(outcome.run), outputs=outcome.outputs,
-        raws=[ingested.dataset_id] if ctx.settings.export_raws else [],
+        raws={ingested.dataset_id: f"s3://{bucket}/{key}"} if ctx.settings.export_raws else {},
         dataset_types=ctx.settings.export_dataset_types, client=ctx.s3,
     ))
     data["export_queued"] = True
