@@ -72,6 +72,20 @@ def test_two_snaps_ingested_with_visit_records_and_twice_is_a_no_op(ctx: Context
     assert again.ok and len(known["records"]) == remembered
 
 
+def test_a_registered_raw_whose_file_is_gone_gets_it_back(ctx: Context) -> None:
+    spec = visit_spec(NIGHT_START + 660, snaps=1)
+    keys = put_raws(ctx.settings, spec, [1])
+    assert ingest(ctx, next_visit(spec), 1, wait_status(spec, 1, keys)).ok
+    local = repos_of(ctx).local("SimCam", 1)
+    (ref,) = [r for r in _raws(ctx, 1) if r.dataId["exposure"] == spec.exposure(0)]
+    local._datastore.trash(ref)  # the file and its datastore record, not the dataset
+    local._datastore.emptyTrash()
+    assert not local.stored(ref) and local.get_dataset(ref.id) is not None
+    again = ingest(ctx, next_visit(spec), 1, wait_status(spec, 1, keys))
+    assert again.ok and again.data["raws"] == [str(ref.id)]
+    assert local.stored(ref) and local.get(ref).data.shape == (256, 256)
+
+
 def test_truncated_raw_fails_and_leaves_the_repo_usable(ctx: Context) -> None:
     bad_spec = visit_spec(NIGHT_START + 700)
     from prompt_tasks.instruments.simcam.raws import simulate_snap

@@ -9,7 +9,8 @@ is a no-op.
 
 Every problem with a raw raises :class:`~prompt_tasks.errors.BadRaw` with a readable reason;
 a detector-visit's raws are all read and checked before any is written, then written in one
-transaction (one insert per dimension element, one ``Butler.ingest``), so a refused raw leaves
+transaction (one insert per dimension element, one of the datasets, one datastore ingest that
+moves the files in), so a refused raw leaves
 the local repo as it was. Raws are read through the S3 server's minio client when the caller
 gives one (:func:`fetch_raw`; the detector stages do), else through lsst-resources, configured
 from the settings by :func:`prompt_tasks.objstore.configure_s3`.
@@ -236,7 +237,8 @@ def ingest_snap(butler: Butler, uri: str, expected: VisitExpectation, translate:
 def _write(butler: Butler, fetched: Sequence[_Fetched], expected: VisitExpectation, run: str,
            known: dict[str, Any] | None) -> list[IngestedSnap]:
     """Write the records and datasets of ``fetched`` raws in one transaction (one registry
-    insert per dimension element, one ``Butler.ingest``), skipping what is already there."""
+    insert per dimension element, one of the new datasets, one datastore ingest of their files),
+    skipping what is already there."""
     from lsst.daf.butler import DatasetIdGenEnum, DatasetRef, DatasetType, FileDataset
     from lsst.pipe.base import Instrument
     from lsst.resources import ResourcePath
@@ -257,27 +259,44 @@ def _write(butler: Butler, fetched: Sequence[_Fetched], expected: VisitExpectati
     for raw in fetched:  # the snaps of a visit share its visit records: each element inserted once
         for element, element_records in raw.records.items():
             merged.setdefault(element, []).extend(element_records)
-    refs = []
     with butler.transaction(), contextlib.ExitStack() as staging:
         inserted = _insert_records(butler, merged, remembered)
-        datasets = []
-        for raw in fetched:
-            data_id = butler.registry.expandDataId(
-                instrument=expected.instrument, exposure=raw.exposure, detector=expected.detector
-            )
-            ref = DatasetRef(dataset_type, data_id, run=run, id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
-            refs.append(ref)
-            if not butler.stored(ref):
-                staged = staging.enter_context(_staged(butler, raw.data))  # moved into the datastore
-                datasets.append(FileDataset(path=ResourcePath(staged), refs=[ref],
-                                            formatter=instrument.getRawFormatter(data_id)))
+        refs = [DatasetRef(dataset_type, butler.registry.expandDataId(
+                    instrument=expected.instrument, exposure=raw.exposure, detector=expected.detector),
+                    run=run, id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN) for raw in fetched]
+        registered = {ref.id for ref in butler.get_many_datasets([ref.id for ref in refs])}
+        new = [ref for ref in refs if ref.id not in registered]
+        _register_raws(butler, dataset_type, run, new)
+        datasets = [
+            # moved into the datastore
+            FileDataset(path=ResourcePath(staging.enter_context(_staged(butler, raw.data))), refs=[ref],
+                        formatter=instrument.getRawFormatter(ref.dataId))
+            for raw, ref in zip(fetched, refs, strict=True)
+            if ref.id not in registered or not butler.stored(ref)  # a registered raw without its file: its file
+        ]
         if datasets:
-            butler.ingest(*datasets, transfer="move", skip_existing=True)
+            butler._datastore.ingest(*datasets, transfer="move")
     remembered.update(dict.fromkeys(inserted, True))  # committed: a failed write leaves nothing marked
     while len(remembered) > REMEMBERED_RECORDS:
         remembered.popitem(last=False)
     return [IngestedSnap(raw.snap, raw.key, raw.exposure, str(ref.id), len(raw.data), raw.records)
             for raw, ref in zip(fetched, refs, strict=True)]
+
+
+def _register_raws(butler: Butler, dataset_type: Any, run: str, refs: Sequence[DatasetRef]) -> None:
+    """Insert the datasets of ``refs`` (not registered yet) with their deterministic ids.
+
+    A plain insert: ``Butler.ingest`` imports refs through a temporary table (its statements
+    compiled anew each time), most of a warm ingest's registry cost.
+    """
+    from lsst.daf.butler import DatasetIdGenEnum
+
+    if not refs:
+        return
+    made = butler.registry.insertDatasets(dataset_type, [ref.dataId for ref in refs], run=run, expand=False,
+                                          idGenerationMode=DatasetIdGenEnum.DATAID_TYPE_RUN)
+    if [ref.id for ref in made] != [ref.id for ref in refs]:  # the registry's ids are the refs' ids
+        raise RuntimeError(f"raw dataset ids differ from the registry's: {refs} vs {made}")
 
 
 @contextlib.contextmanager
