@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prompt_tasks.butler.localrepo import repos_of
-from prompt_tasks.butler.stages import footprint_for, prepare
+from prompt_tasks.butler.stages import band_of, footprint_for, prepare
 from prompt_tasks.context import Context
 from prompt_tasks.settings import Settings
 from prompt_tasks.store import ledger
@@ -47,6 +47,14 @@ def _calib_runs(local, detector: int, when: float) -> dict[str, str]:
                                  collections="SimCam/calib", timespan=span)
         out[name] = ref.run if ref is not None else ""
     return out
+
+
+def test_a_filters_band_is_asked_of_the_central_repo_once_per_process(ctx: Context) -> None:
+    assert band_of(ctx, "SimCam", "SimCam-r") == "r"
+    assert ctx.extras["bands"] == {("SimCam", "SimCam-r"): "r"}
+    # unknown (maybe defined later) or no filter: no band, nothing remembered
+    assert band_of(ctx, "SimCam", "SimCam-nope") is None and band_of(ctx, "SimCam", None) is None
+    assert ctx.extras["bands"] == {("SimCam", "SimCam-r"): "r"}
 
 
 def test_calibration_valid_at_the_visit_time(ctx: Context) -> None:

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from prompt_tasks.settings import Settings
 
 __all__ = [
+    "band_of",
     "candidates_for",
     "central_datastore",
     "default_selection_path",
@@ -187,7 +188,7 @@ def prepare(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageS
     warm = repos.is_open(visit.instrument, detector)
     local = repos.local(visit.instrument, detector)
     central = repos.central
-    band = _band(central, visit)
+    band = band_of(ctx, visit.instrument, visit.filters)
     target = PreloadTarget(visit.instrument, int(detector), visit.filters or None, band)
     plan = plan_preload(inputs_of([c.graph for c in candidates if c.graph is not None]), target)
     collections = [_instrument(plugin).makeUmbrellaCollectionName()]
@@ -306,14 +307,22 @@ def _warm_apdb(ctx: Context, candidates: list[LoadedPipeline], region: Region | 
     return time.perf_counter() - start
 
 
-def _band(central: Butler, visit: NextVisit) -> str | None:
-    if not visit.filters:
+def band_of(ctx: Context, instrument: str, physical_filter: str | None) -> str | None:
+    """The band of ``physical_filter`` in the central repo (None: no filter, or one it does not
+    know). Asked once per process and filter: a filter's band never changes."""
+    if not physical_filter:
         return None
-    records = list(central.query_dimension_records(
-        "physical_filter", instrument=visit.instrument, where="physical_filter = pf",
-        bind={"pf": visit.filters}, explain=False,
-    ))
-    return str(records[0].band) if records else None
+    bands: dict[tuple[str, str], str] = ctx.extras.setdefault("bands", {})
+    key = (instrument, physical_filter)
+    if key not in bands:
+        records = list(repos_of(ctx).central.query_dimension_records(
+            "physical_filter", instrument=instrument, where="physical_filter = pf",
+            bind={"pf": physical_filter}, explain=False,
+        ))
+        if not records:
+            return None  # not remembered: a filter defined later is found then
+        bands[key] = str(records[0].band)
+    return bands[key]
 
 
 # --------------------------------------------------------------------------- ingest

@@ -40,7 +40,7 @@ from prompt_tasks.butler.export import enqueue, stage_outputs
 from prompt_tasks.butler.ingest import VisitExpectation, ingest_snap
 from prompt_tasks.butler.localrepo import repos_of
 from prompt_tasks.butler.preload import PreloadTarget, inputs_of, plan_preload, preload
-from prompt_tasks.butler.stages import candidates_for, central_datastore
+from prompt_tasks.butler.stages import band_of, candidates_for, central_datastore
 from prompt_tasks.context import Context, context_of
 from prompt_tasks.errors import BadRaw, PermanentError
 from prompt_tasks.flow.policy import policy_options
@@ -206,7 +206,7 @@ def _process(ctx: Context, instrument: str, group: str, detector: int, snap: int
     t0 = time.perf_counter()
     umbrella = butler_instrument.makeUmbrellaCollectionName()
     when = Time(visit.startTime, format="unix_tai", scale="tai")
-    target = PreloadTarget(instrument, detector, visit.filters or None, _band(repos.central, instrument, visit.filters))
+    target = PreloadTarget(instrument, detector, visit.filters or None, band_of(ctx, instrument, visit.filters))
     plan = plan_preload(inputs_of([c.graph for c in candidates if c.graph is not None]), target)
     report = preload(repos.central, local, plan, [umbrella], when, None, ctx.settings.local_cache_bytes,
                      repos.path_of(instrument, detector))
@@ -242,15 +242,6 @@ def _status(instrument: str, group: str, detector: int, outcome: Outcome, reason
             data: dict[str, Any], times: Mapping[str, float]) -> StageStatus:
     data["times"] = {part: round(seconds, 4) for part, seconds in times.items()}
     return StageStatus(STAGE, outcome, instrument, group, detector, reason=reason, code=code, data=data)
-
-
-def _band(central: Butler, instrument: str, physical_filter: str) -> str | None:
-    if not physical_filter:
-        return None
-    records = list(central.query_dimension_records(
-        "physical_filter", instrument=instrument, where="physical_filter = pf", bind={"pf": physical_filter}, explain=False,
-    ))
-    return str(records[0].band) if records else None
 
 
 def _read_verdict(local: Butler, run: str | None, instrument: str, exposure: int,
