@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from minio import Minio
 
-__all__ = ["REDIS_READ_TIMEOUT_S", "Context", "context_of", "drop_context", "settings_of"]
+__all__ = ["BLOCK_MARGIN_S", "REDIS_READ_TIMEOUT_S", "Context", "context_of", "drop_context", "settings_of"]
 
 #: Longest wait for a reply of the events Redis (s), set explicitly: redis-py's default (5 s)
 #: is shorter than a snap wait's block on its wake key can be, and a block outliving the

@@ -10,10 +10,10 @@ is a no-op.
 Every problem with a raw raises :class:`~prompt_tasks.errors.BadRaw` with a readable reason;
 a detector-visit's raws are all read and checked before any is written, then written in one
 transaction (one insert per dimension element, one of the datasets, one datastore ingest that
-moves the files in), so a refused raw leaves
-the local repo as it was. Raws are read through the S3 server's minio client when the caller
-gives one (:func:`fetch_raw`; the detector stages do), else through lsst-resources, configured
-from the settings by :func:`prompt_tasks.objstore.configure_s3`.
+moves the files in), so a refused raw leaves the local repo as it was. Raws are read through
+the S3 server's minio client when the caller gives one (:func:`fetch_raw`; the detector stages
+do), else through lsst-resources, configured from the settings by
+:func:`prompt_tasks.objstore.configure_s3`.
 """
 
 from __future__ import annotations
@@ -267,12 +267,12 @@ def _write(butler: Butler, fetched: Sequence[_Fetched], expected: VisitExpectati
         registered = {ref.id for ref in butler.get_many_datasets([ref.id for ref in refs])}
         new = [ref for ref in refs if ref.id not in registered]
         _register_raws(butler, dataset_type, run, new)
+        # the files of the new raws, and of registered raws that lost theirs, moved into the datastore
         datasets = [
-            # moved into the datastore
             FileDataset(path=ResourcePath(staging.enter_context(_staged(butler, raw.data))), refs=[ref],
                         formatter=instrument.getRawFormatter(ref.dataId))
             for raw, ref in zip(fetched, refs, strict=True)
-            if ref.id not in registered or not butler.stored(ref)  # a registered raw without its file: its file
+            if ref.id not in registered or not butler.stored(ref)
         ]
         if datasets:
             butler._datastore.ingest(*datasets, transfer="move")

@@ -182,13 +182,14 @@ def _process(ctx: Context, instrument: str, group: str, detector: int, snap: int
     t0 = time.perf_counter()
     configure_s3(ctx.settings)
     raw_run = butler_instrument.makeDefaultRawIngestRunName()
-    ingested = ingest_snap(local, f"s3://{bucket}/{key}", VisitExpectation(instrument, detector, group),
+    uri = f"s3://{bucket}/{key}"
+    ingested = ingest_snap(local, uri, VisitExpectation(instrument, detector, group),
                            plugin.translator, raw_run, snap=snap, key=key)
     times["ingest"] = time.perf_counter() - t0
     exposure = ingested.records["exposure"][0]
     observation_type = str(exposure.get("observation_type") or "")
     if observation_type in ("", "science"):
-        raise BadRaw(f"s3://{bucket}/{key}: not a calibration exposure (observation type {observation_type!r})")
+        raise BadRaw(f"{uri}: not a calibration exposure (observation type {observation_type!r})")
     day_obs = int(ingested.records["day_obs"][0]["id"])
     data.update(exposure=ingested.exposure, raw=ingested.dataset_id, observation_type=observation_type,
                 day_obs=day_obs, raw_run=raw_run)
@@ -227,7 +228,7 @@ def _process(ctx: Context, instrument: str, group: str, detector: int, snap: int
     enqueue(ctx.redis, stage_outputs(
         local, central_datastore(repos.central), instrument=instrument, group=group, detector=detector,
         visit=ingested.exposure, run=str(outcome.run), outputs=outcome.outputs,
-        raws={ingested.dataset_id: f"s3://{bucket}/{key}"} if ctx.settings.export_raws else {},
+        raws={ingested.dataset_id: uri} if ctx.settings.export_raws else {},
         dataset_types=ctx.settings.export_dataset_types, client=ctx.s3,
     ))
     data["export_queued"] = True
