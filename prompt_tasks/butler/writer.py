@@ -5,8 +5,8 @@ Compute workers have already written the files into the central datastore
 of messages under a lock, so one writer runs at a time, and registers up to
 ``settings.export_batch`` messages in one central transaction: dimension records inserted with
 ``skip_existing``, the datasets imported with their ids, and the datastore records the compute
-worker sent registered as they are (:func:`_register_files`; ``Butler.ingest(transfer=None)``
-for a file sent without its record). The central registry sees a few large transactions
+worker sent registered as they are (:func:`_register_files`; ``Butler.ingest`` for a file
+sent without its record). The central registry sees a few large transactions
 instead of hundreds of small concurrent ones. A partial batch is written once its oldest
 message is ``settings.export_max_age_s`` old (one delayed flush is scheduled at a time).
 
@@ -186,14 +186,16 @@ def _register_files(central: Butler, files: Sequence[Any], stored: Mapping[Any, 
     A file whose datastore record came with it (``stored``: dataset id → ``StoredFileInfo``) is
     registered as it is: its dataset imported with its id, the record added unless already
     there. ``Butler.ingest`` (``transfer=None``, or ``"direct"`` for a raw registered in its raw
-    bucket), used for the others, would look at every file
-    again (a HEAD each) and resolve its formatter, which the compute worker that wrote the file
-    has already done. A dataset applied twice is registered once either way.
+    bucket), used for the others, would look at every file again (a HEAD each) and resolve its
+    formatter, which the compute worker that wrote the file has already done. A dataset applied
+    twice is registered once either way.
     """
     from lsst.daf.butler.registry.interfaces import DatabaseInsertMode
 
-    known = [f for f in files if all(ref.id in stored for ref in f.refs)]
-    rest = [f for f in files if not all(ref.id in stored for ref in f.refs)]
+    known: list[Any] = []
+    rest: list[Any] = []
+    for f in files:
+        (known if all(ref.id in stored for ref in f.refs) else rest).append(f)
     groups: dict[tuple[str, str], list[Any]] = {}
     for dataset in known:
         for ref in dataset.refs:  # imported together: one run and one set of dimensions
@@ -207,11 +209,11 @@ def _register_files(central: Butler, files: Sequence[Any], stored: Mapping[Any, 
     # a file inside the datastore is registered where it is; a raw outside it (its raw bucket
     # object) too, with its absolute URI recorded
     root = central._datastore.root
-    inside = [f for f in rest if f.path.relative_to(root) is not None]
-    outside = [f for f in rest if f.path.relative_to(root) is None]
-    for datasets, transfer in ((inside, None), (outside, "direct")):
-        if datasets:
-            central.ingest(*datasets, transfer=transfer, record_validation_info=False, skip_existing=True)
+    by_transfer: dict[str | None, list[Any]] = {}
+    for f in rest:
+        by_transfer.setdefault(None if f.path.relative_to(root) is not None else "direct", []).append(f)
+    for transfer, datasets in by_transfer.items():
+        central.ingest(*datasets, transfer=transfer, record_validation_info=False, skip_existing=True)
 
 
 def _merged(universe: Any, usable: Sequence[tuple[ExportMessage, list[Any], dict[str, list[Any]]]]
