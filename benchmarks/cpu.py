@@ -29,6 +29,7 @@ import psutil
 __all__ = [
     "COMPUTE_STAGES",
     "GROUPS",
+    "IDLE_OK",
     "account",
     "check",
     "group_of",
@@ -164,8 +165,12 @@ def account(before: Mapping[str, float], after: Mapping[str, float], detector_vi
     }
 
 
+#: Components that may show no CPU in a short night (see :func:`check`).
+IDLE_OK: tuple[str, ...] = ("beat", "dispatcher")
+
+
 def check(accounting: Mapping[str, Any], tolerance: float = 0.01,
-          idle_ok: Iterable[str] = ("beat", "dispatcher")) -> list[str]:
+          idle_ok: Iterable[str] = IDLE_OK) -> list[str]:
     """What does not add up in ``accounting`` (empty when everything does).
 
     The components sum to the total, the groups and the stages too (within ``tolerance``

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from benchmarks.cpu import GROUPS, check
+from benchmarks.cpu import GROUPS, IDLE_OK, check
 from benchmarks.night import BenchOptions, run_bench
 from benchmarks.readme import render
 from benchmarks.results import load_results
@@ -62,7 +62,8 @@ def _check_cpu_accounting(result: dict) -> None:
         assert acc["per_detector_visit"]["total"] == pytest.approx(acc["total_cpu_s"] / 4, abs=1e-3)
     # every component of the stack ran and used CPU; the stages the compute workers ran too
     assert set(ours["groups"]) == set(GROUPS)
-    assert all(seconds > 0 for name, seconds in ours["components"].items() if name != "beat"), ours["components"]
+    # (beat and the dispatcher may stay under the clock's 10 ms tick in a night this short)
+    assert all(seconds > 0 for name, seconds in ours["components"].items() if name not in IDLE_OK), ours["components"]
     assert all(ours["stages"][stage] > 0 for stage in ("prepare", "ingest", "run"))
     assert ours["stages"]["compute outside stages"] >= 0
     assert all(base["stages"][stage] > 0 for stage in ("prepare", "wait", "ingest", "run", "export"))
