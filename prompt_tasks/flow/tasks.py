@@ -45,6 +45,7 @@ from prompt_tasks.fleet.roles import is_compute_node
 from prompt_tasks.flow.policy import policy_options
 from prompt_tasks.flow.snap import wait_for_snaps
 from prompt_tasks.flow.stage import StageTask
+from prompt_tasks.heap import settle_heap
 from prompt_tasks.model.status import Outcome, StageStatus
 from prompt_tasks.model.visit import expected_end_utc
 from prompt_tasks.store import ledger
@@ -70,21 +71,19 @@ log = logging.getLogger(__name__)
 def _import_pipelines_before_fork(sender: Any = None, **_: Any) -> None:
     """A compute worker imports its pipelines' task code before forking its pool (see
     :func:`~prompt_tasks.butler.stages.import_pipeline_tasks`): no pool child pays for it on
-    the first visit it runs."""
+    the first visit it runs. Every worker then settles its heap (:func:`~prompt_tasks.heap.settle_heap`),
+    and its pool children inherit it settled."""
     node, app = getattr(sender, "hostname", None) or "", getattr(sender, "app", None)
-    if app is None or not is_compute_node(node):
-        return
-    settings = settings_of(app)
-    if settings.payload == "noop":
-        return
-    started = time.process_time()
-    try:
-        names = import_pipeline_tasks(settings)
-    except Exception:  # the worker always starts; the visits report what fails
-        log.warning("pipelines not imported ahead of the pool", exc_info=True)
-        return
-    log.info("imported pipelines %s ahead of the pool (%.1f CPU-s)", ", ".join(names) or "-",
-             time.process_time() - started)
+    if app is not None and is_compute_node(node) and settings_of(app).payload != "noop":
+        started = time.process_time()
+        try:
+            names = import_pipeline_tasks(settings_of(app))
+        except Exception:  # the worker always starts; the visits report what fails
+            log.warning("pipelines not imported ahead of the pool", exc_info=True)
+        else:
+            log.info("imported pipelines %s ahead of the pool (%.1f CPU-s)", ", ".join(names) or "-",
+                     time.process_time() - started)
+    settle_heap()
 
 
 @worker_process_init.connect
@@ -92,20 +91,19 @@ def _warm_pool_process(**_: Any) -> None:
     """Each pool process of a compute worker opens the central repo and loads its pipelines as
     it starts (:func:`~prompt_tasks.butler.stages.warm_process`), not on the first visit it
     runs: a worker's slots each start cold, and the second slot's first visit is often the
-    detector's second (``worker_proc_alive_timeout`` leaves it the time)."""
+    detector's second (``worker_proc_alive_timeout`` leaves it the time). Every pool process
+    then settles its warm heap."""
     app = current_app
-    if not is_compute_node(getattr(app, "prompt_node_name", "") or ""):
-        return
-    ctx = context_of(app)
-    if ctx.settings.payload == "noop":
-        return
-    started = time.process_time()
-    try:
-        names = warm_process(ctx)
-    except Exception:  # a pool process always starts; its first visit reports what fails
-        log.warning("pool process warm-up failed", exc_info=True)
-        return
-    log.info("pool process warmed with %s (%.1f CPU-s)", ", ".join(names) or "-", time.process_time() - started)
+    if is_compute_node(getattr(app, "prompt_node_name", "") or "") and settings_of(app).payload != "noop":
+        started = time.process_time()
+        try:
+            names = warm_process(context_of(app))
+        except Exception:  # a pool process always starts; its first visit reports what fails
+            log.warning("pool process warm-up failed", exc_info=True)
+        else:
+            log.info("pool process warmed with %s (%.1f CPU-s)", ", ".join(names) or "-",
+                     time.process_time() - started)
+    settle_heap()
 
 
 # --------------------------------------------------------------------------- plain functions

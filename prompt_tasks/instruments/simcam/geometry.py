@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
@@ -33,6 +33,7 @@ __all__ = [
     "DetectorGeometry",
     "FocalPlane",
     "band_of",
+    "focal_plane",
     "footprint",
     "physical_filter",
     "sky_to_tangent",
@@ -233,21 +234,34 @@ class FocalPlane:
         poly = _polygon(cra, cdec)
         return poly
 
+    @cached_property
+    def extent(self) -> tuple[float, float, float, float]:
+        """``(u0, u1, v0, v1)``: the focal-plane box (arcsec) holding every detector's outer
+        pixel edges. It does not depend on the pointing: computed once per focal plane."""
+        us, vs = [], []
+        for det in self.detectors:
+            u, v = det.pixel_to_focal(np.array([-0.5, det.nx - 0.5, det.nx - 0.5, -0.5]),
+                                      np.array([-0.5, -0.5, det.ny - 0.5, det.ny - 0.5]))
+            us.append(u)
+            vs.append(v)
+        u_all, v_all = np.concatenate(us), np.concatenate(vs)
+        return float(u_all.min()), float(u_all.max()), float(v_all.min()), float(v_all.max())
+
     def visit_region(self, ra: float, dec: float, camera_angle: float, pad_deg: float = 0.0) -> ConvexPolygon:
         """A polygon enclosing every detector of the focal plane (with a pixel to spare)."""
-        corners_u, corners_v = [], []
-        for det in self.detectors:
-            for x in (-0.5, det.nx - 0.5):
-                for y in (-0.5, det.ny - 0.5):
-                    u, v = det.pixel_to_focal(np.array([x]), np.array([y]))
-                    corners_u.append(float(u[0]))
-                    corners_v.append(float(v[0]))
+        u0, u1, v0, v1 = self.extent
         pad = pad_deg * 3600.0 + PIXEL_SCALE  # one pixel more, so edges never coincide
-        u0, u1 = min(corners_u) - pad, max(corners_u) + pad
-        v0, v1 = min(corners_v) - pad, max(corners_v) + pad
+        u0, u1, v0, v1 = u0 - pad, u1 + pad, v0 - pad, v1 + pad
         us, vs = np.array([u0, u1, u1, u0]), np.array([v0, v0, v1, v1])
         xi, eta = _sky_matrix(camera_angle) @ np.vstack([us, vs]) / 3600.0
         return _polygon(*tangent_to_sky(xi, eta, ra, dec))
+
+
+@cache
+def focal_plane(n_detectors: int = 9, size: int = 512) -> FocalPlane:
+    """The focal plane of ``n_detectors`` of ``size``² pixels, built once per process (it is
+    immutable; its detectors and extent are computed on first use and kept)."""
+    return FocalPlane(n_detectors, size)
 
 
 def footprint(detector: int, ra: float, dec: float, camera_angle: float, pad_deg: float = 0.0,

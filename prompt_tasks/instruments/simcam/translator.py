@@ -22,7 +22,7 @@ import astropy.units as u
 from astropy.time import Time
 from lsst.daf.butler import Timespan
 
-from prompt_tasks.instruments.simcam.geometry import FocalPlane
+from prompt_tasks.instruments.simcam.geometry import focal_plane
 from prompt_tasks.instruments.simcam.instrument import INSTRUMENT
 from prompt_tasks.instruments.simcam.visits import (
     READOUT_S,
@@ -106,7 +106,7 @@ def records_from_header(header: Mapping[str, Any], *, all_detectors: bool = Fals
     visit_end = group_begin + ((nsnaps - 1) * (exptime + READOUT_S) + exptime) * u.s
     size = int(header["NAXIS1"])
     n_detectors = max(int(header.get("CAMDETS", 9)), int(header["DETECTOR"]) + 1)
-    plane = FocalPlane(n_detectors, size)
+    plane = focal_plane(n_detectors, size)
     detectors = range(n_detectors) if all_detectors else [int(header["DETECTOR"])]
     records["visit"] = [{
         "instrument": INSTRUMENT, "id": visit, "name": group, "physical_filter": physical_filter,
