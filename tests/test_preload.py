@@ -154,3 +154,35 @@ def next_visit_model(raw: dict):
     from prompt_tasks.model.visit import NextVisit
 
     return NextVisit.model_validate(raw)
+
+
+def test_the_collection_structure_is_written_locally_only_when_the_central_one_changed(tmp_path: Path) -> None:
+    from lsst.daf.butler import Butler, CollectionType
+
+    from prompt_tasks.butler.preload import _mirror_collections
+
+    def repo(name: str) -> Butler:
+        Butler.makeRepo(str(tmp_path / name))
+        return Butler.from_config(str(tmp_path / name), writeable=True)
+
+    central, local = repo("central"), repo("local")
+    for name in ("a/calib", "a/templates", "a/calib2"):
+        central.registry.registerCollection(name, CollectionType.RUN)
+    central.registry.registerCollection("a/defaults", CollectionType.CHAINED)
+    central.collections.redefine_chain("a/defaults", ["a/calib", "a/templates"])
+    known: dict = {}
+    _mirror_collections(central, local, ["a/defaults"], known)
+    assert list(local.collections.get_info("a/defaults").children) == ["a/calib", "a/templates"]
+
+    # unchanged central structure: nothing is written (a local change is left as it is)
+    local.collections.redefine_chain("a/defaults", ["a/templates"])
+    _mirror_collections(central, local, ["a/defaults"], known)
+    assert list(local.collections.get_info("a/defaults").children) == ["a/templates"]
+
+    # a changed central chain is mirrored, and so is the structure for a process knowing nothing
+    central.collections.redefine_chain("a/defaults", ["a/calib2", "a/calib", "a/templates"])
+    _mirror_collections(central, local, ["a/defaults"], known)
+    assert list(local.collections.get_info("a/defaults").children) == ["a/calib2", "a/calib", "a/templates"]
+    local.collections.redefine_chain("a/defaults", ["a/templates"])
+    _mirror_collections(central, local, ["a/defaults"], {})
+    assert list(local.collections.get_info("a/defaults").children) == ["a/calib2", "a/calib", "a/templates"]

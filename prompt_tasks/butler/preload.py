@@ -297,18 +297,29 @@ def _certified_locally(local: Butler, collection: str, ref: DatasetRef) -> set[A
     return spans
 
 
-def _mirror_collections(central: Butler, local: Butler, collections: list[str]) -> None:
-    """Give the local repo the same (chained, calibration) collections as the central."""
+def _mirror_collections(central: Butler, local: Butler, collections: list[str],
+                        known: dict[str, Any] | None = None) -> None:
+    """Give the local repo the same (chained, calibration) collections as the central.
+
+    ``known``: what this process knows of the local repo; the structure mirrored last is kept
+    there, and an unchanged central structure (the usual visit) writes nothing locally.
+    """
     from lsst.daf.butler import CollectionType
 
+    infos = list(central.collections.query_info(collections, flatten_chains=True, include_chains=True))
+    structure = tuple((info.name, info.type.name, tuple(info.children)) for info in infos)
+    if known is not None and known.get("mirrored") == structure:
+        return
     chains: dict[str, list[str]] = {}
-    for info in central.collections.query_info(collections, flatten_chains=True, include_chains=True):
+    for info in infos:
         if info.type is CollectionType.CHAINED:
             chains[info.name] = list(info.children)
         local.registry.registerCollection(info.name, info.type)
     for chain, children in chains.items():
         if list(local.collections.get_info(chain).children) != children:
             local.collections.redefine_chain(chain, children)
+    if known is not None:
+        known["mirrored"] = structure
 
 
 def _nbytes(local: Butler, ref: DatasetRef) -> int:
@@ -319,7 +330,8 @@ def _nbytes(local: Butler, ref: DatasetRef) -> int:
 
 
 def preload(central: Butler, local: Butler, plan: PreloadPlan, collections: list[str], when: Any,
-            region: Region | None, cache_bytes: int, local_root: Any) -> PreloadReport:
+            region: Region | None, cache_bytes: int, local_root: Any,
+            known: dict[str, Any] | None = None) -> PreloadReport:
     """Bring the datasets of ``plan`` from ``central`` into ``local``; see the module doc.
 
     Parameters
@@ -331,6 +343,10 @@ def preload(central: Butler, local: Butler, plan: PreloadPlan, collections: list
         Budget of preloaded datasets kept in the local repo.
     local_root
         Directory of the local repo (where its cache index lives).
+    known
+        What this process knows of the local repo
+        (:meth:`~prompt_tasks.butler.localrepo.Repos.known`): the collection
+        structure it mirrored last is not written again.
     """
     report = PreloadReport()
     t0 = time.perf_counter()
@@ -362,7 +378,7 @@ def preload(central: Butler, local: Butler, plan: PreloadPlan, collections: list
     report.times["transfer"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    _mirror_collections(central, local, collections)
+    _mirror_collections(central, local, collections, known)
     calibs = [ref for _, (query, ref) in wanted.items() if query.kind is QueryKind.CALIBRATION]
     # Certify what is not yet certified locally: new calibs, and any a crash left uncertified.
     uncertified = [ref for ref in calibs if ref.id not in present]

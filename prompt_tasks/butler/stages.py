@@ -197,6 +197,7 @@ def prepare(ctx: Context, raw_visit: Mapping[str, Any], detector: int) -> StageS
         report = preload(
             central, local, plan, collections, _visit_time(visit), region,
             ctx.settings.local_cache_bytes, repos.path_of(visit.instrument, detector),
+            known=repos.known(visit.instrument, detector),
         )
         repos.mark_prepared(visit.instrument, detector, visit.groupId)
     apdb_s = _warm_apdb(ctx, candidates, region)
