@@ -248,6 +248,32 @@ def test_an_object_store_write_that_keeps_failing_fails_with_its_reason(ctx: Con
                       client=ctx.s3 if through == "the S3 client" else None)
 
 
+def test_refs_the_graph_predicted_are_taken_as_they_are_and_an_unwritten_one_left_out(ctx: Context) -> None:
+    from lsst.daf.butler import DatasetRef
+    from lsst.resources import ResourcePath
+
+    _process(ctx, NIGHT_START + 6200)
+    message = _messages(ctx)[0]
+    local = repos_of(ctx).local("SimCam", message.detector)
+    outputs = [f.ref["id"] for f in message.files]
+    refs = {str(ref.id): ref for ref in local.get_many_datasets([uuid.UUID(i) for i in outputs])}
+    some = next(iter(refs.values()))
+    never = DatasetRef(some.datasetType, some.dataId, run="SimCam/never-written")  # a quantum with no work
+    known = {**refs, str(never.id): never}
+    root = central_datastore(repos_of(ctx).central)
+    visit = message.records["visit"][0]["record"]["id"]
+    args = {"instrument": "SimCam", "group": message.group, "detector": message.detector, "visit": visit,
+            "run": message.run, "raws": {}, "dataset_types": None, "client": ctx.s3}
+    again = stage_outputs(local, root, outputs=[*outputs, str(never.id)], known=known, **args)
+    assert sorted(f.ref["id"] for f in again.files) == sorted(outputs)
+    assert {k: len(v) for k, v in again.records.items()} == {k: len(v) for k, v in message.records.items()}
+
+    # registered in the local repo but its file record gone: an error, not a silent omission
+    local._datastore.forget([some])
+    with pytest.raises(ExportWriteError, match="has no file"):
+        stage_outputs(local, ResourcePath(str(root)), outputs=outputs, known=known, **args)
+
+
 def test_a_failed_batch_is_retried_without_rerunning_the_pipeline(ctx: Context) -> None:
     import sqlalchemy
 

@@ -36,7 +36,7 @@ from prompt_tasks.butler.selection import Candidate
 from prompt_tasks.errors import PipelineError
 
 if TYPE_CHECKING:
-    from lsst.daf.butler import Butler, DimensionUniverse
+    from lsst.daf.butler import Butler, DatasetRef, DimensionUniverse
     from lsst.pipe.base import Pipeline
     from lsst.pipe.base.pipeline_graph import PipelineGraph
 
@@ -167,9 +167,12 @@ class RunOutcome:
     quanta: dict[str, int] = field(default_factory=dict)
     failed: list[list[str]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
+    #: Dataset id → ref of every input and output of the graph's quanta, data ids expanded:
+    #: export takes them as they are instead of asking the registry again.
+    refs: dict[str, DatasetRef] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (without the output ids)."""
+        """JSON-ready form (without the output ids and refs)."""
         return {
             "pipeline": self.pipeline,
             "run": self.run,
@@ -311,6 +314,16 @@ def _outputs(graph: Any) -> list[str]:
     return sorted(ids)
 
 
+def _refs(graph: Any) -> dict[str, DatasetRef]:
+    """Every input and output ref of the graph's quanta, by dataset id."""
+    out: dict[str, DatasetRef] = {}
+    for node in graph:
+        for mapping in (node.quantum.inputs, node.quantum.outputs):
+            for refs in mapping.values():
+                out.update((str(ref.id), ref) for ref in refs)
+    return out
+
+
 class _BuiltOnce:
     """A run Butler as the quantum-graph builder sees it: its ``clone`` is the Butler itself.
 
@@ -435,6 +448,7 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
             candidate.name, run, attempts, _outputs(graph), quanta, failed,
             {"graph": graph_s, "graph_cpu": graph_cpu_s, "execute": time.perf_counter() - t1,
              "execute_cpu": time.process_time() - cpu0},
+            _refs(graph),
         )
         if failed:
             detail = "; ".join(f"{label} {data_id}: {message}" for label, data_id, message in failed[:3])

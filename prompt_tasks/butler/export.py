@@ -35,7 +35,7 @@ from prompt_tasks.store.keys import EXPORT_REQUESTS, export_done_key
 
 if TYPE_CHECKING:
     import redis
-    from lsst.daf.butler import Butler
+    from lsst.daf.butler import Butler, DatasetRef
     from lsst.resources import ResourcePath
     from minio import Minio
 
@@ -155,11 +155,12 @@ def _visit_records(local: Butler, instrument: str, visit: int, detector: int) ->
 def dimension_records(local: Butler, data_ids: Iterable[Any], extra: Iterable[Any] = ()) -> dict[str, list[dict[str, Any]]]:
     """Every record ``data_ids`` name (and ``extra``), by element, dependencies first.
 
-    Each distinct data id is expanded once: a detector-visit's outputs share a few.
+    A data id that carries its records (a quantum graph's) is taken as it is; each other
+    distinct one is expanded once: a detector-visit's outputs share a few.
     """
     by_element: dict[str, dict[Any, Any]] = {}
     for data_id in set(data_ids):
-        expanded = local.registry.expandDataId(data_id)
+        expanded = data_id if data_id.hasRecords() else local.registry.expandDataId(data_id)
         for element in expanded.dimensions.elements:
             record = expanded.records[element]
             if record is not None:
@@ -203,7 +204,8 @@ def _copy(source: ResourcePath, target: ResourcePath, client: Minio | None = Non
 
 def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str, group: str, detector: int,
                   visit: int, run: str, outputs: Iterable[str], raws: Mapping[str, str],
-                  dataset_types: Sequence[str] | None, client: Minio | None = None) -> ExportMessage:
+                  dataset_types: Sequence[str] | None, client: Minio | None = None,
+                  known: Mapping[str, DatasetRef] | None = None) -> ExportMessage:
     """Copy the detector-visit's outputs into the central datastore; the message, which also
     registers ``raws`` where they are.
 
@@ -211,19 +213,29 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
 
     ``outputs`` are dataset ids of the local repo; those whose type is not :func:`wanted` stay
     local. ``raws`` maps the local id of each raw to register centrally to the URI of the
-    object it was ingested from (the same bytes): its central record points there. The local
-    registry is asked three times whatever the number of files: the refs, their stored files,
-    the visit's records; and expands each distinct data id once.
+    object it was ingested from (the same bytes): its central record points there. ``known``:
+    refs the caller holds already (the quantum graph's, by id, data ids expanded); a predicted
+    output that was not written (a quantum with no work) is left out. The local registry is
+    asked for the refs not known, their stored files and the visit's records.
     """
     from lsst.resources import ResourcePath
 
-    refs = [ref for ref in local.get_many_datasets([uuid.UUID(i) for i in outputs])
-            if wanted(ref.datasetType.name, dataset_types)]
-    raw_refs = list(local.get_many_datasets([uuid.UUID(i) for i in raws]))
+    known = known or {}
+    output_ids, raw_ids = list(outputs), list(raws)
+    held = {i: known[i] for i in [*output_ids, *raw_ids] if i in known}
+    looked_up = {str(ref.id): ref for ref in local.get_many_datasets(
+        [uuid.UUID(i) for i in [*output_ids, *raw_ids] if i not in held])}
+    datastore = local._datastore
+    stored = datastore._get_stored_records_associated_with_refs([*held.values(), *looked_up.values()])
+    unwritten = {i for i, ref in held.items() if ref.id not in stored}
+    if unwritten:  # not written, or registered without its file: only the registry can tell
+        registered = {str(ref.id) for ref in local.get_many_datasets([uuid.UUID(i) for i in unwritten])}
+        held = {i: ref for i, ref in held.items() if i not in unwritten or i in registered}
+    by_id = {**looked_up, **held}
+    refs = [by_id[i] for i in output_ids if i in by_id and wanted(by_id[i].datasetType.name, dataset_types)]
+    raw_refs = [by_id[i] for i in raw_ids if i in by_id]
     sources = {ref.id: raws[str(ref.id)] for ref in raw_refs}
     refs += raw_refs
-    datastore = local._datastore
-    stored = datastore._get_stored_records_associated_with_refs(refs)
     local_root = datastore.root
     message = ExportMessage(instrument, group, int(detector), run, datastore_root=str(central_root))
     for ref in refs:
