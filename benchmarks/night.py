@@ -232,7 +232,8 @@ def _await(settings: Settings, groups: Sequence[str], timeout: float, progress: 
             return
         bar = progress.add_task("exports committed", total=len(groups) * len(detectors)) if progress else None
         waiting = {(g, d) for g in groups for d in detectors
-                   if client.hget(visit_key("SimCam", g), ledger.detector_field(d, "outcome")) == "ok"}
+                   if client.hmget(visit_key("SimCam", g), [ledger.detector_field(d, "outcome"),
+                                                            ledger.detector_field(d, "stage")]) == ["ok", "run"]}
         if progress is not None and bar is not None:
             progress.update(bar, total=len(waiting))
         # an export that does not commit within a minute of the summaries is reported missing
@@ -370,7 +371,7 @@ def _analyse(hashes: dict[str, dict[str, str]], puts: dict[str, dict[tuple[int, 
     samples["last snap→summary"] = stats.visit_samples(by_visit)
     outcomes: dict[str, int] = {}
     for dv in flat:
-        outcomes[dv.outcome or "pending"] = outcomes.get(dv.outcome or "pending", 0) + 1
+        outcomes[dv.final_outcome] = outcomes.get(dv.final_outcome, 0) + 1
     result = {
         "stages": {**{stage: stats.summarize(samples.get(stage, [])) for stage in (*stats.STAGES, *stats.BREAKDOWN)},
                    **stats.warm_summaries(flat)},

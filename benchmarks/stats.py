@@ -116,6 +116,16 @@ class DetectorVisit:
     group: str
     detector: int
     outcome: str = ""
+    #: The last stage the ledger recorded the end of.
+    stage: str = ""
+
+    @property
+    def final_outcome(self) -> str:
+        """The outcome once the night is over: an ``ok`` that stopped short of the run is not one
+        (its chain ended after that stage without a recorded failure)."""
+        if self.outcome == "ok" and self.stage and self.stage != "run":
+            return f"stopped after {self.stage}"
+        return self.outcome or "pending"
     received: float | None = None
     summarized: float | None = None
     #: ``<stage>.start`` / ``<stage>.end`` → unix time.
@@ -192,6 +202,8 @@ def detector_visits(raw: Mapping[str, str], puts: Puts, exported: Mapping[int, f
                 rec.run_parts[rest[4:-2]] = seconds
         elif rest == "outcome":
             rec.outcome = str(value)
+        elif rest == "stage":
+            rec.stage = str(value)
         elif rest == "worker":
             rec.worker = str(value)
         elif rest.endswith(".worker") and rest.count(".") == 1:

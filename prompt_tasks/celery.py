@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery, current_app
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
-from prompt_tasks.context import drop_context, settings_of
+from prompt_tasks.context import REDIS_MAX_CONNECTIONS, drop_context, settings_of
 from prompt_tasks.fleet.brokers import TRANSPORT
 from prompt_tasks.fleet.schedule import schedule
 from prompt_tasks.logs import configure_logging
@@ -52,6 +52,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # kombu's Redis transport, made to survive a Redis restart (see prompt_tasks.fleet.brokers)
         "broker_transport": _broker_transport(settings),
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # One result backend (and connection pool) per process: Celery's default keeps one per
+        # thread, which under gevent is one per task, each opening its own connections.
+        "result_backend_thread_safe": True,
+        "redis_max_connections": REDIS_MAX_CONNECTIONS,
         "result_expires": 24 * 3600,
         "task_track_started": True,
         "worker_send_task_events": True,

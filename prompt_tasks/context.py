@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from minio import Minio
 
-__all__ = ["BLOCK_MARGIN_S", "REDIS_READ_TIMEOUT_S", "Context", "context_of", "drop_context", "settings_of"]
+__all__ = ["BLOCK_MARGIN_S", "REDIS_MAX_CONNECTIONS", "REDIS_READ_TIMEOUT_S", "Context", "context_of", "drop_context", "settings_of"]
 
 #: Longest wait for a reply of the events Redis (s), set explicitly: redis-py's default (5 s)
 #: is shorter than a snap wait's block on its wake key can be, and a block outliving the
@@ -29,6 +29,11 @@ __all__ = ["BLOCK_MARGIN_S", "REDIS_READ_TIMEOUT_S", "Context", "context_of", "d
 REDIS_READ_TIMEOUT_S = 15.0
 #: How much shorter than :data:`REDIS_READ_TIMEOUT_S` a blocking read must be (s).
 BLOCK_MARGIN_S = 2.0
+#: Connections one process may hold to a Redis. A gevent wait worker runs up to 500 snap waits
+#: at once, each holding a connection while it blocks on its wake key; redis-py's default pool
+#: (100) made the 101st wait of a 189-detector visit fail with "Too many connections". A
+#: process past this bound waits for a free connection instead of failing.
+REDIS_MAX_CONNECTIONS = 1024
 
 
 @dataclass
@@ -44,14 +49,17 @@ class Context:
         """Redis holding bucket events, the arrivals index and the visit ledger."""
         import redis as redis_lib
 
-        return redis_lib.Redis.from_url(
+        pool = redis_lib.BlockingConnectionPool.from_url(
             self.settings.events_redis,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=REDIS_READ_TIMEOUT_S,
             decode_responses=True,
             socket_keepalive=True,
             health_check_interval=10,
             retry_on_timeout=True,
             socket_timeout=REDIS_READ_TIMEOUT_S,
         )
+        return redis_lib.Redis.from_pool(pool)  # the client owns the pool: close() closes both
 
     @cached_property
     def s3(self) -> Minio:

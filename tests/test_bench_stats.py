@@ -59,6 +59,8 @@ def test_detector_visits_read_every_field() -> None:
     assert dv0.last_put == T + 30.0 and dv0.exported == T + 38.0
     assert dv0.pipeline_start == approx(T + 31.0)
     assert "run.end" not in dv1.times and dv1.exported is None and dv1.pipeline_start is None
+    # once the night is over, an ok that never reached the run is not counted as ok
+    assert (dv0.final_outcome, dv1.final_outcome) == ("ok", "stopped after prepare")
 
 
 def test_stage_samples_per_detector() -> None:

@@ -156,6 +156,20 @@ def test_a_block_longer_than_redis_py_default_read_timeout_is_no_error(ctx: Cont
     assert time.monotonic() - started >= 6.0
 
 
+def test_more_waits_at_once_than_redis_py_default_pool_all_end_normally(ctx: Context) -> None:
+    """150 waits blocked on their wake keys at once (a gevent wait worker runs up to 500):
+    redis-py's default pool holds 100 connections, and the 101st wait failed with "Too many
+    connections" (retried, then given up: the detector-visit lost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    group = _group()
+    with ThreadPoolExecutor(150) as pool:
+        statuses = list(pool.map(
+            lambda det: wait_for_snaps(ctx, "SimCam", group, det, 1, time.time(), timeout=1.5, poll_s=1.0),
+            range(150)))
+    assert {s.outcome for s in statuses} == {Outcome.TIMED_OUT}
+
+
 def test_default_timeout_is_expected_end_plus_margin(ctx: Context) -> None:
     status = wait_for_snaps(ctx, "SimCam", _group(), 9, 1, time.time() - ctx.settings.wait_margin_s)
     assert status.outcome is Outcome.TIMED_OUT
