@@ -57,7 +57,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_thread_safe": True,
         "redis_max_connections": REDIS_MAX_CONNECTIONS,
         "result_expires": 24 * 3600,
-        "task_track_started": True,
+        # No STARTED state written to the result backend per task (a write and a publish each):
+        # nothing reads it, and Flower and monitors see a task start from its task-started event.
+        "task_track_started": False,
         "worker_send_task_events": True,
         # No task-sent event per message: announcing 189 detectors would publish 189 more
         # messages (about 40 % of the router's cost); Flower sees tasks from their receipt.

@@ -274,6 +274,28 @@ def test_refs_the_graph_predicted_are_taken_as_they_are_and_an_unwritten_one_lef
         stage_outputs(local, ResourcePath(str(root)), outputs=outputs, known=known, **args)
 
 
+def test_a_run_is_initialized_once_per_process_and_again_for_a_new_repo(
+        ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output dataset types, init-outputs and configs of a night's run are written (or
+    checked) by the first visit a process runs into it, not by every visit."""
+    from lsst.pipe.base.separable_pipeline_executor import SeparablePipelineExecutor
+
+    calls: list[str] = []
+    pre_execute = SeparablePipelineExecutor.pre_execute_qgraph
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(str(self._butler.run))
+        pre_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(SeparablePipelineExecutor, "pre_execute_qgraph", counted)
+    _process(ctx, NIGHT_START + 6600)
+    _process(ctx, NIGHT_START + 6640)
+    assert len(calls) == len(DETECTORS)  # the second visit of each detector initialized nothing
+    repos_of(ctx).purge("SimCam", DETECTORS[0])
+    _process(ctx, NIGHT_START + 6680)
+    assert len(calls) == len(DETECTORS) + 1  # the recreated repo's run, once
+
+
 def test_a_failed_batch_is_retried_without_rerunning_the_pipeline(ctx: Context) -> None:
     import sqlalchemy
 

@@ -64,8 +64,9 @@ def test_two_snaps_ingested_with_visit_records_and_twice_is_a_no_op(ctx: Context
     assert len(_raws(ctx, 1)) == 2
     # the instrument, the raw dataset type and its run were set up once for this worker's repo,
     # and each dimension record inserted once: the second snap and the rerun inserted nothing new
+    # (prepare remembered the collection structure it mirrored there)
     known = repos_of(ctx).known("SimCam", 1)
-    assert set(known) == {"instrument:SimCam", f"run:{status.data['raw_run']}:raw", "records"}
+    assert set(known) == {"instrument:SimCam", f"run:{status.data['raw_run']}:raw", "records", "mirrored"}
     remembered = len(known["records"])
     assert 0 < remembered <= REMEMBERED_RECORDS
     again = ingest(ctx, next_visit(spec), 1, wait_status(spec, 1, keys))

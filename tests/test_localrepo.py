@@ -48,6 +48,16 @@ def test_each_detector_repo_is_a_copy_of_one_template_and_its_own(central: Setti
             assert [r.id for r in local.query_dimension_records("detector", explain=False)] == [
                 r.id for r in repos.central.query_dimension_records("detector", explain=False)]
         assert [(i, d) for i, d, _ in repos.existing()] == [("SimCam", 1), ("SimCam", 2)]  # the template is none
+        # opened from one merged configuration, each is rooted in its own directory
+        for det, local in ((1, first), (2, second)):
+            path = repos.path_of("SimCam", det)
+            assert local._datastore.root.ospath.rstrip("/") == str(path)
+            assert str(path / "gen3.sqlite3") in str(local._registry._db._engine.url)
+        # the template carries what every copy's first visit would otherwise write
+        umbrella = "SimCam/defaults"
+        assert umbrella in set(first.collections.query("*"))
+        assert first.collections.get_info(umbrella).children == repos.central.collections.get_info(umbrella).children
+        assert first.get_dataset_type("raw").dimensions == repos.central.get_dataset_type("raw").dimensions
     finally:
         repos.close()
 
@@ -124,9 +134,10 @@ def test_a_pool_process_is_warmed_before_its_first_visit(central: Settings, tmp_
         ctx.close()
 
 
-def test_a_repo_remembers_the_visits_it_was_prepared_for(tmp_path: Path) -> None:
+def test_a_repo_remembers_the_visits_it_was_prepared_for(settings: Settings, tmp_path: Path) -> None:
     """Read by any process of the host, forgotten with the repo, the oldest dropped first."""
-    settings = Settings(local_repo_root=tmp_path / "local")
+    # the session's servers, not the defaults: a Repos points this process's S3 client there
+    settings = worker_settings(settings, tmp_path / "local")
     repos = Repos(settings)  # the record needs no Butler: only the repo's directory
     repos.path_of("SimCam", 4).mkdir(parents=True)
     assert not repos.was_prepared("SimCam", 4, "g0")

@@ -159,7 +159,7 @@ def next_visit_model(raw: dict):
 def test_the_collection_structure_is_written_locally_only_when_the_central_one_changed(tmp_path: Path) -> None:
     from lsst.daf.butler import Butler, CollectionType
 
-    from prompt_tasks.butler.preload import _mirror_collections
+    from prompt_tasks.butler.preload import mirror_collections
 
     def repo(name: str) -> Butler:
         Butler.makeRepo(str(tmp_path / name))
@@ -171,18 +171,27 @@ def test_the_collection_structure_is_written_locally_only_when_the_central_one_c
     central.registry.registerCollection("a/defaults", CollectionType.CHAINED)
     central.collections.redefine_chain("a/defaults", ["a/calib", "a/templates"])
     known: dict = {}
-    _mirror_collections(central, local, ["a/defaults"], known)
+    mirror_collections(central, local, ["a/defaults"], known)
     assert list(local.collections.get_info("a/defaults").children) == ["a/calib", "a/templates"]
 
     # unchanged central structure: nothing is written (a local change is left as it is)
     local.collections.redefine_chain("a/defaults", ["a/templates"])
-    _mirror_collections(central, local, ["a/defaults"], known)
+    mirror_collections(central, local, ["a/defaults"], known)
     assert list(local.collections.get_info("a/defaults").children) == ["a/templates"]
 
     # a changed central chain is mirrored, and so is the structure for a process knowing nothing
     central.collections.redefine_chain("a/defaults", ["a/calib2", "a/calib", "a/templates"])
-    _mirror_collections(central, local, ["a/defaults"], known)
+    mirror_collections(central, local, ["a/defaults"], known)
     assert list(local.collections.get_info("a/defaults").children) == ["a/calib2", "a/calib", "a/templates"]
     local.collections.redefine_chain("a/defaults", ["a/templates"])
-    _mirror_collections(central, local, ["a/defaults"], {})
+    mirror_collections(central, local, ["a/defaults"], {})
     assert list(local.collections.get_info("a/defaults").children) == ["a/calib2", "a/calib", "a/templates"]
+
+    # a process knowing nothing of a repo that has the structure already (a copy of a template
+    # made with it) writes nothing
+    writes: list[str] = []
+    register = local.registry.registerCollection
+    local.registry.registerCollection = lambda name, *a, **k: writes.append(name) or register(name, *a, **k)
+    fresh: dict = {}
+    mirror_collections(central, local, ["a/defaults"], fresh)
+    assert writes == [] and fresh["mirrored"]

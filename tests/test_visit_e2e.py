@@ -28,6 +28,7 @@ from celery.contrib.testing.worker import start_worker
 from prompt_tasks.butler.export import is_exported
 from prompt_tasks.flow.router import announce, detector_queue
 from prompt_tasks.model.visit import NextVisit
+from prompt_tasks.objstore import configure_s3
 from prompt_tasks.settings import Settings
 from prompt_tasks.store.keys import visit_key
 from tests.butlerkit import central_fixture, next_visit, put_raws, visit_spec, world
@@ -174,6 +175,7 @@ def test_full_visit_ends_in_the_central_repo_and_the_apdb(app: Celery, fleet: No
         assert fields["run.pipeline"] == "ApPipe"
         assert int(fields["prepare.transferred"]) > 0
     _wait_exported(rdb, spec, DETECTORS)
+    configure_s3(e2e_settings)  # the raws are read from the S3 server, whatever another test set
     central = Butler.from_config(e2e_settings.central_repo_uri)
     try:
         raws = central.query_datasets("raw", collections="SimCam/raw/all", find_first=False, explain=False,

@@ -11,7 +11,8 @@ findable by night and pipeline, and safe to rerun (quanta whose outputs are alre
 run are skipped; partial outputs of a crashed attempt are overwritten).
 
 Pipelines are loaded, configured, hashed and their pipeline graphs resolved once per process,
-and run Butlers opened once per night (:class:`PipelineCache`). A quantum graph is built
+and run Butlers opened, and their runs initialized (output dataset types, init-outputs,
+configs), once per night (:class:`PipelineCache`). A quantum graph is built
 afresh for every visit (:func:`build_graph`), from that resolved pipeline graph and on the
 night's run Butler: the middleware's builder is made to build exactly once, and one reused
 across visits misses the calibrations and templates preloaded after it was set up.
@@ -96,6 +97,9 @@ class PipelineCache:
         self.parameters = dict(parameters or {})
         self._loaded: dict[str, LoadedPipeline] = {}
         self._runs: dict[tuple[int, str, tuple[str, ...]], tuple[Butler, Butler, Any]] = {}
+        #: ``id()`` of the executors of open runs whose init-outputs and dataset types this
+        #: process has written or checked (:func:`run_candidates`): once per run Butler.
+        self.initialized: set[int] = set()
 
     #: Run Butlers kept open, least recently used dropped first: one per (detector, night,
     #: pipeline) this process serves. A run Butler shares its repo's registry and datastore, so
@@ -134,16 +138,19 @@ class PipelineCache:
         key = (id(local), run, tuple(inputs))
         hit = self._runs.pop(key, None)
         if hit is None or hit[0] is not local:  # a reopened repo may reuse an id
+            if hit is not None:
+                self.initialized.discard(id(hit[2]))
             hit = (local, *open_run(local, run, inputs))
         self._runs[key] = hit  # the most recently used last
         while len(self._runs) > self.max_runs:
-            self._runs.pop(next(iter(self._runs)))
+            self.initialized.discard(id(self._runs.pop(next(iter(self._runs)))[2]))
         return hit[1], hit[2]
 
     def close(self) -> None:
         """Forget every loaded pipeline and open run."""
         self._loaded.clear()
         self._runs.clear()
+        self.initialized.clear()
 
 
 @dataclass
@@ -405,12 +412,15 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
                    opener: Callable[[Butler, str, Sequence[str]], tuple[Butler, Any]] = open_run,
                    nice: int = 0,
                    starting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-                   ) -> RunOutcome:
+                   initialized: set[int] | None = None) -> RunOutcome:
     """Run the first candidate with a non-empty quantum graph; see the module doc.
 
     ``nice``: the nice value its quanta run at (:func:`at_lower_priority`). ``starting``: a
     lock held while a graph is built and its init-outputs written, so two runs of one repo
-    side by side do not both write the init-outputs of a new output run.
+    side by side do not both write the init-outputs of a new output run. ``initialized``:
+    ``id()`` of the executors whose run this process has initialized (the output dataset types
+    registered, the init-outputs and configs written or checked against the run's); an
+    executor found there skips it, and one initialized now is added (``None``: every time).
 
     Raises
     ------
@@ -440,7 +450,10 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
             quanta = {node.label: len(graph.getNodesForTask(node)) for node in graph.iterTaskGraph()}
             attempts.append(Attempt(candidate.name, True, "", len(graph)))
             t1 = time.perf_counter()
-            executor.pre_execute_qgraph(graph, register_dataset_types=True, save_versions=False)
+            if initialized is None or id(executor) not in initialized:
+                executor.pre_execute_qgraph(graph, register_dataset_types=True, save_versions=False)
+                if initialized is not None:
+                    initialized.add(id(executor))
         cpu0 = time.process_time()
         failed = _execute(run_butler, executor, graph, nice)
         # the CPU of the quanta themselves: the science payload, apart from the framework's own cost

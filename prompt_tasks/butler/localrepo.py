@@ -19,10 +19,11 @@ import fcntl
 import shutil
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prompt_tasks.butler.preload import mirror_collections
 from prompt_tasks.instruments import UnknownInstrument, load_plugin
 from prompt_tasks.objstore import configure_s3
 from prompt_tasks.settings import Settings
@@ -88,6 +89,7 @@ class Repos:
         self._central: Butler | None = None
         self._local: dict[tuple[str, int], Butler] = {}
         self._known: dict[tuple[str, int], dict[str, Any]] = {}
+        self._configs: dict[str, Any] = {}
         self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- central
@@ -146,7 +148,27 @@ class Repos:
                 if path.exists():
                     shutil.rmtree(path)  # a creation that died half way
                 self._create(path, instrument)
-        return Butler.from_config(str(path), writeable=True)
+        return Butler.from_config(self._config_of(path), writeable=True)
+
+    def _config_of(self, path: Path) -> Any:
+        """The ``ButlerConfig`` of the local repo at ``path``.
+
+        Reading one merges the repo's ``butler.yaml`` with every default configuration file
+        (~20 ms, half of opening a repo). The local repos of a host are copies of one template,
+        with the same ``butler.yaml``: its merged configuration is kept per file content, and
+        each repo gets a copy of it pointed at its own directory (its ``<butlerRoot>``).
+        """
+        from lsst.daf.butler import ButlerConfig
+        from lsst.resources import ResourcePath
+
+        text = (path / "butler.yaml").read_text()
+        merged = self._configs.get(text)
+        if merged is None:
+            merged = self._configs[text] = ButlerConfig(str(path))
+        config = ButlerConfig(merged)
+        config.configDir = ResourcePath(str(path), forceDirectory=True)
+        config.configFile = config.configDir.join("butler.yaml")
+        return config
 
     def template_of(self, instrument: str) -> Path:
         """The pristine repo every local repo of ``instrument`` on this host is copied from."""
@@ -170,7 +192,9 @@ class Repos:
         (path / _READY).write_text(f"{instrument}\n")
 
     def _make(self, path: Path, instrument: str) -> None:
-        from lsst.daf.butler import Butler
+        """The pristine repo of ``instrument``: its instrument, detectors and filters, the central
+        repo's collection structure, and the raw dataset type and run."""
+        from lsst.daf.butler import Butler, DatasetType, MissingCollectionError
         from lsst.pipe.base import Instrument
 
         central = self.central
@@ -181,7 +205,15 @@ class Repos:
         )
         local = Butler.from_config(str(path), writeable=True)
         try:
-            Instrument.from_string(instrument, central.registry).register(local.registry)
+            spec = Instrument.from_string(instrument, central.registry)
+            spec.register(local.registry)
+            # what every detector's first visit would otherwise write into its own copy
+            with suppress(MissingCollectionError):  # none yet: each visit's prepare mirrors it
+                mirror_collections(central, local, [spec.makeUmbrellaCollectionName()])
+            name, dimensions, storage_class = spec.raw_definition
+            local.registry.registerDatasetType(DatasetType(name, dimensions, storage_class,
+                                                           universe=local.dimensions))
+            local.registry.registerRun(spec.makeDefaultRawIngestRunName())
         finally:
             local.close()
         (path / _READY).write_text(f"{instrument}\n")

@@ -43,6 +43,7 @@ __all__ = [
     "QueryKind",
     "find_refs",
     "inputs_of",
+    "mirror_collections",
     "plan_preload",
     "preload",
 ]
@@ -297,27 +298,41 @@ def _certified_locally(local: Butler, collection: str, ref: DatasetRef) -> set[A
     return spans
 
 
-def _mirror_collections(central: Butler, local: Butler, collections: list[str],
-                        known: dict[str, Any] | None = None) -> None:
+def _structure(butler: Butler, collections: list[str]) -> tuple[tuple[str, str, tuple[str, ...]], ...] | None:
+    """``collections`` and every collection they chain, as (name, type, children); None when
+    one of them is missing."""
+    from lsst.daf.butler import MissingCollectionError
+
+    try:
+        infos = butler.collections.query_info(collections, flatten_chains=True, include_chains=True)
+    except MissingCollectionError:
+        return None
+    return tuple((info.name, info.type.name, tuple(info.children)) for info in infos)
+
+
+def mirror_collections(central: Butler, local: Butler, collections: list[str],
+                       known: dict[str, Any] | None = None) -> None:
     """Give the local repo the same (chained, calibration) collections as the central.
 
     ``known``: what this process knows of the local repo; the structure mirrored last is kept
-    there, and an unchanged central structure (the usual visit) writes nothing locally.
+    there. A structure the local repo already has (the usual visit; a new repo copied from a
+    template that has it) is not written again.
     """
     from lsst.daf.butler import CollectionType
 
-    infos = list(central.collections.query_info(collections, flatten_chains=True, include_chains=True))
+    infos = central.collections.query_info(collections, flatten_chains=True, include_chains=True)
     structure = tuple((info.name, info.type.name, tuple(info.children)) for info in infos)
     if known is not None and known.get("mirrored") == structure:
         return
-    chains: dict[str, list[str]] = {}
-    for info in infos:
-        if info.type is CollectionType.CHAINED:
-            chains[info.name] = list(info.children)
-        local.registry.registerCollection(info.name, info.type)
-    for chain, children in chains.items():
-        if list(local.collections.get_info(chain).children) != children:
-            local.collections.redefine_chain(chain, children)
+    if _structure(local, collections) != structure:
+        chains: dict[str, list[str]] = {}
+        for name, type_name, children in structure:
+            if CollectionType[type_name] is CollectionType.CHAINED:
+                chains[name] = list(children)
+            local.registry.registerCollection(name, CollectionType[type_name])
+        for chain, children in chains.items():
+            if list(local.collections.get_info(chain).children) != children:
+                local.collections.redefine_chain(chain, children)
     if known is not None:
         known["mirrored"] = structure
 
@@ -378,7 +393,7 @@ def preload(central: Butler, local: Butler, plan: PreloadPlan, collections: list
     report.times["transfer"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    _mirror_collections(central, local, collections, known)
+    mirror_collections(central, local, collections, known)
     calibs = [ref for _, (query, ref) in wanted.items() if query.kind is QueryKind.CALIBRATION]
     # Certify what is not yet certified locally: new calibs, and any a crash left uncertified.
     uncertified = [ref for ref in calibs if ref.id not in present]

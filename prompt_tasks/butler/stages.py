@@ -404,7 +404,8 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
         outcome = run_candidates(local, candidates, visit.instrument, int(detector), exposures,
                                  data.get("day_obs") or "unknown", inputs, opener=_pipelines(ctx).open_run,
                                  nice=ctx.settings.pipeline_nice,
-                                 starting=lambda: repos.starting_run(visit.instrument, detector))
+                                 starting=lambda: repos.starting_run(visit.instrument, detector),
+                                 initialized=_pipelines(ctx).initialized)
     except PipelineError as exc:
         failed = getattr(exc, "outcome", None)
         _record(ctx, visit, detector, {"run.pipeline": failed.pipeline if failed else ""})
