@@ -264,14 +264,14 @@ def test_refs_the_graph_predicted_are_taken_as_they_are_and_an_unwritten_one_lef
     visit = message.records["visit"][0]["record"]["id"]
     args = {"instrument": "SimCam", "group": message.group, "detector": message.detector, "visit": visit,
             "run": message.run, "raws": {}, "dataset_types": None, "client": ctx.s3}
-    again = stage_outputs(local, root, outputs=[*outputs, str(never.id)], known=known, **args)
+    again = stage_outputs(local, root, outputs=[*outputs, str(never.id)], graph_refs=known, **args)
     assert sorted(f.ref["id"] for f in again.files) == sorted(outputs)
     assert {k: len(v) for k, v in again.records.items()} == {k: len(v) for k, v in message.records.items()}
 
     # registered in the local repo but its file record gone: an error, not a silent omission
     local._datastore.forget([some])
     with pytest.raises(ExportWriteError, match="has no file"):
-        stage_outputs(local, ResourcePath(str(root)), outputs=outputs, known=known, **args)
+        stage_outputs(local, ResourcePath(str(root)), outputs=outputs, graph_refs=known, **args)
 
 
 def test_a_run_is_initialized_once_per_process_and_again_for_a_new_repo(

@@ -205,7 +205,7 @@ def _copy(source: ResourcePath, target: ResourcePath, client: Minio | None = Non
 def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str, group: str, detector: int,
                   visit: int, run: str, outputs: Iterable[str], raws: Mapping[str, str],
                   dataset_types: Sequence[str] | None, client: Minio | None = None,
-                  known: Mapping[str, DatasetRef] | None = None) -> ExportMessage:
+                  graph_refs: Mapping[str, DatasetRef] | None = None) -> ExportMessage:
     """Copy the detector-visit's outputs into the central datastore; the message, which also
     registers ``raws`` where they are.
 
@@ -213,16 +213,16 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
 
     ``outputs`` are dataset ids of the local repo; those whose type is not :func:`wanted` stay
     local. ``raws`` maps the local id of each raw to register centrally to the URI of the
-    object it was ingested from (the same bytes): its central record points there. ``known``:
-    refs the caller holds already (the quantum graph's, by id, data ids expanded); a predicted
-    output that was not written (a quantum with no work) is left out. The local registry is
-    asked for the refs not known, their stored files and the visit's records.
+    object it was ingested from (the same bytes): its central record points there.
+    ``graph_refs``: refs the caller holds already (the quantum graph's, by id, data ids
+    expanded); a predicted output that was not written (a quantum with no work) is left out.
+    The local registry is asked for the other refs, the stored files and the visit's records.
     """
     from lsst.resources import ResourcePath
 
-    known = known or {}
+    graph_refs = graph_refs or {}
     output_ids, raw_ids = list(outputs), list(raws)
-    held = {i: known[i] for i in [*output_ids, *raw_ids] if i in known}
+    held = {i: graph_refs[i] for i in [*output_ids, *raw_ids] if i in graph_refs}
     looked_up = {str(ref.id): ref for ref in local.get_many_datasets(
         [uuid.UUID(i) for i in [*output_ids, *raw_ids] if i not in held])}
     datastore = local._datastore

@@ -298,16 +298,20 @@ def _certified_locally(local: Butler, collection: str, ref: DatasetRef) -> set[A
     return spans
 
 
-def _structure(butler: Butler, collections: list[str]) -> tuple[tuple[str, str, tuple[str, ...]], ...] | None:
-    """``collections`` and every collection they chain, as (name, type, children); None when
-    one of them is missing."""
+def _structure(butler: Butler, collections: list[str]) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """``collections`` and every collection they chain, as (name, type, children)."""
+    infos = butler.collections.query_info(collections, flatten_chains=True, include_chains=True)
+    return tuple((info.name, info.type.name, tuple(info.children)) for info in infos)
+
+
+def _structure_if_any(butler: Butler, collections: list[str]) -> tuple[tuple[str, str, tuple[str, ...]], ...] | None:
+    """:func:`_structure`, or None when one of ``collections`` is missing."""
     from lsst.daf.butler import MissingCollectionError
 
     try:
-        infos = butler.collections.query_info(collections, flatten_chains=True, include_chains=True)
+        return _structure(butler, collections)
     except MissingCollectionError:
         return None
-    return tuple((info.name, info.type.name, tuple(info.children)) for info in infos)
 
 
 def mirror_collections(central: Butler, local: Butler, collections: list[str],
@@ -320,11 +324,10 @@ def mirror_collections(central: Butler, local: Butler, collections: list[str],
     """
     from lsst.daf.butler import CollectionType
 
-    infos = central.collections.query_info(collections, flatten_chains=True, include_chains=True)
-    structure = tuple((info.name, info.type.name, tuple(info.children)) for info in infos)
+    structure = _structure(central, collections)
     if known is not None and known.get("mirrored") == structure:
         return
-    if _structure(local, collections) != structure:
+    if _structure_if_any(local, collections) != structure:
         chains: dict[str, list[str]] = {}
         for name, type_name, children in structure:
             if CollectionType[type_name] is CollectionType.CHAINED:

@@ -424,7 +424,7 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
         local, central_datastore(repos.central), instrument=visit.instrument, group=visit.groupId,
         detector=int(detector), visit=int(data.get("visit") or exposures[0]), run=str(outcome.run),
         outputs=outcome.outputs, raws=_raw_sources(ctx, data) if ctx.settings.export_raws else {},
-        dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, known=outcome.refs,
+        dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, graph_refs=outcome.refs,
     )
     enqueue(ctx.redis, message)
     if poke_export is not None:

@@ -229,7 +229,7 @@ def _process(ctx: Context, instrument: str, group: str, detector: int, snap: int
         local, central_datastore(repos.central), instrument=instrument, group=group, detector=detector,
         visit=ingested.exposure, run=str(outcome.run), outputs=outcome.outputs,
         raws={ingested.dataset_id: uri} if ctx.settings.export_raws else {},
-        dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, known=outcome.refs,
+        dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, graph_refs=outcome.refs,
     ))
     data["export_queued"] = True
     if poke_export is not None:
