@@ -232,8 +232,8 @@ def _await(settings: Settings, groups: Sequence[str], timeout: float, progress: 
             return
         bar = progress.add_task("exports committed", total=len(groups) * len(detectors)) if progress else None
         waiting = {(g, d) for g in groups for d in detectors
-                   if client.hmget(visit_key("SimCam", g), [ledger.detector_field(d, "outcome"),
-                                                            ledger.detector_field(d, "stage")]) == ["ok", "run"]}
+                   if stats.reached_run(*client.hmget(visit_key("SimCam", g), [ledger.detector_field(d, "outcome"),
+                                                                               ledger.detector_field(d, "stage")]))}
         if progress is not None and bar is not None:
             progress.update(bar, total=len(waiting))
         # an export that does not commit within a minute of the summaries is reported missing

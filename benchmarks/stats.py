@@ -75,6 +75,7 @@ __all__ = [
     "queued",
     "queued_prepare",
     "ratios",
+    "reached_run",
     "stage_cpu",
     "stage_samples",
     "summarize",
@@ -109,6 +110,11 @@ BREAKDOWN: tuple[str, ...] = ("wait→ingest", "ingest", "ingest→run", "graph 
 Puts = Mapping[tuple[int, int], float]
 
 
+def reached_run(outcome: str | None, stage: str | None) -> bool:
+    """A detector-visit's ledger ``outcome`` and last ``stage`` say it ended ok after its run."""
+    return outcome == "ok" and stage == "run"
+
+
 @dataclass
 class DetectorVisit:
     """The times of one detector-visit, as the ledger and the driver know them."""
@@ -123,7 +129,7 @@ class DetectorVisit:
     def final_outcome(self) -> str:
         """The outcome once the night is over: an ``ok`` that stopped short of the run is not one
         (its chain ended after that stage without a recorded failure)."""
-        if self.outcome == "ok" and self.stage and self.stage != "run":
+        if self.outcome == "ok" and self.stage and not reached_run(self.outcome, self.stage):
             return f"stopped after {self.stage}"
         return self.outcome or "pending"
     received: float | None = None
