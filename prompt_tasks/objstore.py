@@ -175,22 +175,58 @@ def put_bytes(client: Minio, uri: str, data: bytes) -> None:
     client.put_object(bucket, key, io.BytesIO(data), len(data))
 
 
-def exists_many(client: Minio, uris: Sequence[str]) -> dict[str, bool]:
-    """Whether each ``s3://bucket/key`` object exists, one HEAD each through ``client``.
+def exists_many(client: Minio, uris: Sequence[str], list_from: int = 3) -> dict[str, bool]:
+    """Whether each ``s3://bucket/key`` object exists, checked through ``client``.
+
+    The objects of a folder holding at least ``list_from`` of them are checked with one listing
+    of that folder, from the first of them to the last (a batch of exports holds a whole
+    visit's outputs of one dataset type in one folder: one request instead of one HEAD per
+    file, on the server and here); any other object with a HEAD.
 
     Raises
     ------
     ConnectionError
         Some object could not be checked (server unreachable or failing): nothing is concluded.
     """
+    folders: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for uri in uris:
+        bucket, key = _bucket_and_key(uri)
+        folders.setdefault((bucket, key.rpartition("/")[0]), []).append((uri, key))
     check = object_checker(client)
     found: dict[str, bool] = {}
-    for uri in uris:
-        there = check(*_bucket_and_key(uri))
-        if there is None:
-            raise ConnectionError(f"{uri}: existence could not be checked")
-        found[uri] = there
+    for (bucket, folder), objects in folders.items():
+        if len(objects) >= list_from:
+            listed = _listed_between(client, bucket, folder, min(k for _, k in objects), max(k for _, k in objects))
+            found.update((uri, key in listed) for uri, key in objects)
+            continue
+        for uri, key in objects:
+            there = check(bucket, key)
+            if there is None:
+                raise ConnectionError(f"{uri}: existence could not be checked")
+            found[uri] = there
     return found
+
+
+def _listed_between(client: Minio, bucket: str, folder: str, first: str, last: str) -> set[str]:
+    """Keys of the objects directly in ``folder`` of ``bucket`` from ``first`` to ``last``
+    (both keys in that folder): the listing starts just before ``first`` and stops past ``last``.
+
+    Raises
+    ------
+    ConnectionError
+        The listing failed.
+    """
+    keys: set[str] = set()
+    try:
+        for obj in client.list_objects(bucket, prefix=f"{folder}/" if folder else None, recursive=False,
+                                       start_after=first[:-1] or None):
+            if obj.object_name > last:
+                break
+            keys.add(obj.object_name)
+    except (MinioException, OSError, urllib3.exceptions.HTTPError) as exc:
+        log.warning("%s/%s/ not listed: %s", bucket, folder, exc)
+        raise ConnectionError(f"s3://{bucket}/{folder}/: existence could not be checked: {exc}") from exc
+    return keys
 
 
 def object_checker(client: Minio) -> Callable[[str, str], bool | None]:
