@@ -360,14 +360,16 @@ def build_graph(run_butler: Butler, executor: Any, candidate: LoadedPipeline, wh
     from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
     pipeline_graph = candidate.graph.copy() if candidate.graph is not None else candidate.pipeline.to_graph()
-    # the executor's own skip and clobber choices (:func:`open_run`): graph and execution agree
-    builder = AllDimensionsQuantumGraphBuilder(
-        pipeline_graph, _BuiltOnce(run_butler), where=where, bind=bind,
-        skip_existing_in=executor._skip_existing_in or (), clobber=executor._clobber_output,
-    )
     metadata = {"input": list(run_butler.collections.defaults), "output_run": run_butler.run,
                 "skip_existing_in": executor._skip_existing_in, "data_query": where}
-    return builder.build(metadata=metadata, attach_datastore_records=False)
+    # one registry transaction for the whole build, not one per query and lookup (~25)
+    with run_butler.registry.transaction():
+        # the executor's own skip and clobber choices (:func:`open_run`): graph and execution agree
+        builder = AllDimensionsQuantumGraphBuilder(
+            pipeline_graph, _BuiltOnce(run_butler), where=where, bind=bind,
+            skip_existing_in=executor._skip_existing_in or (), clobber=executor._clobber_output,
+        )
+        return builder.build(metadata=metadata, attach_datastore_records=False)
 
 
 def remember_installed_packages(prime: bool = False) -> None:
