@@ -358,3 +358,64 @@ def test_an_existence_check_the_server_cannot_answer_is_a_retry_not_a_missing_fi
     with pytest.raises(ConnectionError, match="could not be checked") as caught:
         exists_many(dead, ["s3://central/SimCam/prompt/x.fits"])
     assert is_transient(caught.value)
+
+
+def test_existence_of_many_files_is_one_listing_per_folder_and_exact_at_its_edges(settings: Settings) -> None:
+    """The writer's check of a batch's files: a folder holding several of them is listed once,
+    from its first file to its last; a file alone in its folder gets a HEAD. Files missing
+    inside the listed range, next to it and alone are all reported missing."""
+    from minio import Minio
+
+    from prompt_tasks.objstore import ensure_plain_bucket, exists_many, make_client, put_bytes
+
+    class Counting(Minio):
+        requests = 0
+
+        def _url_open(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.requests += 1
+            return super()._url_open(*args, **kwargs)
+
+    client = make_client(settings)
+    client.__class__ = Counting
+    ensure_plain_bucket(client, "listing")
+    folder = f"run/out/{uuid.uuid4().hex}"
+    for name in ("a0", "a1", "a2", "a4", "a5", "b0", "sub/a3"):  # a3 only in a subfolder
+        put_bytes(client, f"s3://listing/{folder}/{name}", b"x")
+    put_bytes(client, f"s3://listing/{folder}-alone/a", b"x")
+    wanted = {name: f"s3://listing/{folder}/{name}" for name in ("a1", "a2", "a3", "a4", "a6")}
+    wanted |= {"alone": f"s3://listing/{folder}-alone/a", "alone-missing": f"s3://listing/{folder}-other/a"}
+    Counting.requests = 0
+    found = exists_many(client, list(wanted.values()))
+    assert {name: found[uri] for name, uri in wanted.items()} == {
+        "a1": True, "a2": True, "a3": False, "a4": True, "a6": False, "alone": True, "alone-missing": False}
+    assert Counting.requests == 3  # one listing, two HEADs
+
+    dead = make_client(settings.model_copy(update={"s3_endpoint": "http://127.0.0.1:9"}))
+    with pytest.raises(ConnectionError, match="could not be checked"):
+        exists_many(dead, list(wanted.values())[:5])
+
+
+def test_the_visit_records_ingest_hands_on_are_those_the_registry_holds(ctx: Context) -> None:
+    """Export takes the visit's records from ingest's status instead of querying the local
+    registry again: the message must carry exactly what the query would have given."""
+    from prompt_tasks.butler.export import VISIT_ELEMENTS
+
+    spec = visit_spec(NIGHT_START + 6900, snaps=2)
+    keys = put_raws(ctx.settings, spec, [1])
+    assert prepare(ctx, next_visit(spec), 1).ok
+    ingested = ingest(ctx, next_visit(spec), 1, wait_status(spec, 1, keys))
+    assert ingested.ok and {r["definition"] for r in ingested.data["visit_records"]} == set(VISIT_ELEMENTS)
+    ran = run(ctx, next_visit(spec), 1, ingested.to_dict())
+    assert ran.ok, ran.reason
+    (message,) = [m for m in _messages(ctx) if m.group == spec.group]
+    local = repos_of(ctx).local("SimCam", 1)
+    queried = stage_outputs(local, central_datastore(repos_of(ctx).central), instrument="SimCam",
+                            group=spec.group, detector=1, visit=ingested.data["visit"], run=message.run,
+                            outputs=[f.ref["id"] for f in message.files], raws={}, dataset_types=None,
+                            client=ctx.s3)
+
+    def canonical(records: list[dict[str, Any]]) -> list[str]:
+        return sorted(json.dumps(r, sort_keys=True) for r in records)
+
+    for element in VISIT_ELEMENTS:
+        assert canonical(message.records[element]) == canonical(queried.records[element]), element

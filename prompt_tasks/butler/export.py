@@ -35,12 +35,13 @@ from prompt_tasks.store.keys import EXPORT_REQUESTS, export_done_key
 
 if TYPE_CHECKING:
     import redis
-    from lsst.daf.butler import Butler, DatasetRef
+    from lsst.daf.butler import Butler, DatasetRef, DimensionUniverse
     from lsst.resources import ResourcePath
     from minio import Minio
 
 __all__ = [
     "COPY_ATTEMPTS",
+    "VISIT_ELEMENTS",
     "ExportMessage",
     "ExportWriteError",
     "StagedFile",
@@ -48,6 +49,7 @@ __all__ = [
     "is_exported",
     "pending",
     "stage_outputs",
+    "visit_records",
     "wanted",
 ]
 
@@ -56,6 +58,9 @@ log = logging.getLogger(__name__)
 #: Attempts of one file copy into the central datastore, and the first backoff (doubled each time).
 COPY_ATTEMPTS = 4
 COPY_BACKOFF_S = 0.5
+#: The visit's records an output's data id may not carry, which the central repo needs to build
+#: graphs on the visit (without them a graph on the visit is empty).
+VISIT_ELEMENTS: tuple[str, ...] = ("visit", "visit_definition", "visit_system_membership", "visit_detector_region")
 #: Output dataset types never exported by default.
 _BOOKKEEPING_SUFFIXES = ("_metadata", "_log", "_config")
 
@@ -140,16 +145,30 @@ def is_exported(client: redis.Redis, instrument: str, group: str, detector: int)
 
 
 def _visit_records(local: Butler, instrument: str, visit: int, detector: int) -> list[Any]:
-    """The visit's records an output's data id may not carry: the visit, its definitions (one per
-    exposure) and visit-system memberships, the detector's region (without them a graph on the
-    visit is empty). One query; nothing for an exposure that is no visit (a calibration)."""
+    """The :data:`VISIT_ELEMENTS` records of the visit and detector, asked of the local registry
+    in one query; nothing for an exposure that is no visit (a calibration)."""
     with local.query() as query:
         rows = (query.data_ids(["exposure", "visit", "detector", "visit_system"])
                 .where("instrument = inst AND visit = v AND detector = det",
                        bind={"inst": instrument, "v": int(visit), "det": int(detector)})
                 .with_dimension_records())
-        wanted = ("visit", "visit_definition", "visit_system_membership", "visit_detector_region")
-        return [row.records[element] for row in rows for element in wanted if row.records[element] is not None]
+        return [row.records[element] for row in rows for element in VISIT_ELEMENTS
+                if row.records[element] is not None]
+
+
+def visit_records(universe: DimensionUniverse, records: Mapping[str, Iterable[Mapping[str, Any]]],
+                  detector: int) -> list[dict[str, Any]]:
+    """The :data:`VISIT_ELEMENTS` records among ``records`` (element → field values, as ingest
+    inserted them), serialized: ingest hands them on so export need not ask the registry again.
+    Only ``detector``'s region; each record once."""
+    out: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {}
+    for element in VISIT_ELEMENTS:
+        for fields in records.get(element, ()):
+            if element == "visit_detector_region" and int(fields.get("detector", detector)) != int(detector):
+                continue
+            record = universe[element].RecordClass(**fields)
+            out.setdefault((element, record.dataId.required_values), record.to_simple().model_dump(mode="json"))
+    return list(out.values())
 
 
 def dimension_records(local: Butler, data_ids: Iterable[Any], extra: Iterable[Any] = ()) -> dict[str, list[dict[str, Any]]]:
@@ -205,7 +224,8 @@ def _copy(source: ResourcePath, target: ResourcePath, client: Minio | None = Non
 def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str, group: str, detector: int,
                   visit: int, run: str, outputs: Iterable[str], raws: Mapping[str, str],
                   dataset_types: Sequence[str] | None, client: Minio | None = None,
-                  graph_refs: Mapping[str, DatasetRef] | None = None) -> ExportMessage:
+                  graph_refs: Mapping[str, DatasetRef] | None = None,
+                  visit_records: Sequence[Mapping[str, Any]] | None = None) -> ExportMessage:
     """Copy the detector-visit's outputs into the central datastore; the message, which also
     registers ``raws`` where they are.
 
@@ -216,8 +236,11 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
     object it was ingested from (the same bytes): its central record points there.
     ``graph_refs``: refs the caller holds already (the quantum graph's, by id, data ids
     expanded); a predicted output that was not written (a quantum with no work) is left out.
-    The local registry is asked for the other refs, the stored files and the visit's records.
+    ``visit_records``: the visit's records (:func:`visit_records`) ingest handed on. The local
+    registry is asked for the other refs, the stored files and, without ``visit_records``, the
+    visit's records.
     """
+    from lsst.daf.butler import DimensionRecord, SerializedDimensionRecord
     from lsst.resources import ResourcePath
 
     graph_refs = graph_refs or {}
@@ -251,6 +274,10 @@ def stage_outputs(local: Butler, central_root: ResourcePath, *, instrument: str,
             _copy(local_root.join(info.path), central_root.join(info.path), client)
         message.files.append(StagedFile(ref.to_simple().model_dump(mode="json"), info.path, info.formatter,
                                         info.to_simple().model_dump(mode="json")))
-    message.records = dimension_records(local, [ref.dataId for ref in refs],
-                                        _visit_records(local, instrument, visit, detector))
+    if visit_records is None:
+        extra = _visit_records(local, instrument, visit, detector)
+    else:
+        extra = [DimensionRecord.from_simple(SerializedDimensionRecord(**r), universe=local.dimensions)
+                 for r in visit_records]
+    message.records = dimension_records(local, [ref.dataId for ref in refs], extra)
     return message

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prompt_tasks.butler.apdb import apdb_config_path, open_apdb
 from prompt_tasks.butler.execute import LoadedPipeline, PipelineCache, remember_installed_packages, run_candidates
-from prompt_tasks.butler.export import enqueue, stage_outputs
+from prompt_tasks.butler.export import enqueue, stage_outputs, visit_records
 from prompt_tasks.butler.ingest import VisitExpectation, ingest_snaps, raw_uri
 from prompt_tasks.butler.localrepo import repos_of
 from prompt_tasks.butler.preload import PreloadTarget, inputs_of, plan_preload, preload
@@ -360,6 +360,10 @@ def ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
                             known=repos.known(visit.instrument, detector), client=ctx.s3)
     visit_ids = {r["id"] for s in ingested for r in s.records.get("visit", [])}
     day_obs = ingested[0].records["day_obs"][0]["id"]
+    records: dict[str, list[dict[str, Any]]] = {}
+    for snap in ingested:
+        for element, element_records in snap.records.items():
+            records.setdefault(element, []).extend(element_records)
     return _status(
         "ingest", visit, detector,
         snaps=[{"snap": s.snap, "key": s.key, "exposure": s.exposure, "dataset_id": s.dataset_id,
@@ -369,6 +373,8 @@ def ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
         visit=min(visit_ids) if visit_ids else None,
         day_obs=int(day_obs),
         raw_run=run,
+        # for export, which would otherwise ask the registry for them (None: it asks)
+        visit_records=visit_records(local.dimensions, records, detector) or None,
     )
 
 
@@ -425,6 +431,7 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
         detector=int(detector), visit=int(data.get("visit") or exposures[0]), run=str(outcome.run),
         outputs=outcome.outputs, raws=_raw_sources(ctx, data) if ctx.settings.export_raws else {},
         dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, graph_refs=outcome.refs,
+        visit_records=data.get("visit_records"),
     )
     enqueue(ctx.redis, message)
     if poke_export is not None:
