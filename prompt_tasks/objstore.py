@@ -220,6 +220,8 @@ def _listed_between(client: Minio, bucket: str, folder: str, first: str, last: s
     try:
         for obj in client.list_objects(bucket, prefix=f"{folder}/" if folder else None, recursive=False,
                                        start_after=first[:-1] or None):
+            if obj.is_dir:  # a subfolder (listed after a page's files): none of ours
+                continue
             if obj.object_name > last:
                 break
             keys.add(obj.object_name)
