@@ -156,18 +156,19 @@ def _visit_records(local: Butler, instrument: str, visit: int, detector: int) ->
                 if row.records[element] is not None]
 
 
-def visit_records(universe: DimensionUniverse, records: Mapping[str, Iterable[Mapping[str, Any]]],
+def visit_records(universe: DimensionUniverse, snaps: Iterable[Mapping[str, Iterable[Mapping[str, Any]]]],
                   detector: int) -> list[dict[str, Any]]:
-    """The :data:`VISIT_ELEMENTS` records among ``records`` (element → field values, as ingest
-    inserted them), serialized: ingest hands them on so export need not ask the registry again.
-    Only ``detector``'s region; each record once."""
+    """The :data:`VISIT_ELEMENTS` records among the snaps' records (per snap, element → field
+    values, as ingest inserted them), serialized: ingest hands them on so export need not ask
+    the registry again. Only ``detector``'s region; each record once (the snaps share a visit)."""
     out: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {}
-    for element in VISIT_ELEMENTS:
-        for fields in records.get(element, ()):
-            if element == "visit_detector_region" and int(fields.get("detector", detector)) != int(detector):
-                continue
-            record = universe[element].RecordClass(**fields)
-            out.setdefault((element, record.dataId.required_values), record.to_simple().model_dump(mode="json"))
+    for snap in snaps:
+        for element in VISIT_ELEMENTS:
+            for fields in snap.get(element, ()):
+                if element == "visit_detector_region" and int(fields.get("detector", detector)) != int(detector):
+                    continue
+                record = universe[element].RecordClass(**fields)
+                out.setdefault((element, record.dataId.required_values), record.to_simple().model_dump(mode="json"))
     return list(out.values())
 
 

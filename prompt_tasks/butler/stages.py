@@ -360,10 +360,6 @@ def ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
                             known=repos.known(visit.instrument, detector), client=ctx.s3)
     visit_ids = {r["id"] for s in ingested for r in s.records.get("visit", [])}
     day_obs = ingested[0].records["day_obs"][0]["id"]
-    records: dict[str, list[dict[str, Any]]] = {}
-    for snap in ingested:
-        for element, element_records in snap.records.items():
-            records.setdefault(element, []).extend(element_records)
     return _status(
         "ingest", visit, detector,
         snaps=[{"snap": s.snap, "key": s.key, "exposure": s.exposure, "dataset_id": s.dataset_id,
@@ -374,7 +370,7 @@ def ingest(ctx: Context, raw_visit: Mapping[str, Any], detector: int,
         day_obs=int(day_obs),
         raw_run=run,
         # for export, which would otherwise ask the registry for them (None: it asks)
-        visit_records=visit_records(local.dimensions, records, detector) or None,
+        visit_records=visit_records(local.dimensions, [s.records for s in ingested], detector) or None,
     )
 
 
