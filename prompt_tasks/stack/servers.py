@@ -175,7 +175,7 @@ def format_s3(data_dir: Path) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "data").mkdir(exist_ok=True)
     meta = s3_meta_url(data_dir)
-    if not (data_dir / "meta.db").exists() and not (data_dir / "formatted").exists():
+    if meta.startswith("badger://") and not (data_dir / "formatted").exists():  # a SQLite volume is old
         subprocess.run(
             [juicefs_binary(), "format", "--storage", "file", "--bucket", f"{data_dir / 'data'}/",
              "--trash-days", "0", "--no-update", meta, "raws"],
