@@ -13,9 +13,11 @@ Components are grouped as the fleet's roles (:data:`GROUPS`): ``compute`` (every
 ``detector-N`` worker with its pool children), ``wait``, ``dispatcher``, ``intake`` (the
 next_visit intake, the router and the queue controller), ``summary`` (summaries, deadlines and
 the export writer), ``beat``, ``redis`` and ``s3``. By stage: ``prepare``, ``ingest`` and
-``run`` are what the compute workers' pool children spent inside those stage tasks; ``compute
-outside stages`` is the rest of the compute workers (Celery's consumer, the broker traffic,
-results and chord bookkeeping between tasks); every other component is its own stage.
+``run`` are what the compute workers' pool children spent inside those stage tasks; ``celery
+consumer`` is the compute workers' main processes (Celery's consumer: messages in from the
+broker, handed to the pool, acknowledged, task events), read apart by :func:`own_cpu`;
+``compute outside stages`` is the rest of the pool children (Celery's tracing, results and chord
+bookkeeping around each task); every other component is its own stage.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "group_of",
     "machine_times",
     "machine_window",
+    "own_cpu",
     "snapshot",
     "tree_cpu",
 ]
@@ -77,6 +80,19 @@ def snapshot(pids: Mapping[str, int]) -> dict[str, float]:
     return out
 
 
+def own_cpu(pids: Mapping[str, int]) -> dict[str, float]:
+    """Component → CPU seconds of its main process alone (without its children, live or reaped):
+    a prefork worker's consumer apart from its pool."""
+    out = {}
+    for name, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = t.user + t.system
+    return out
+
+
 def machine_times() -> dict[str, float]:
     """The machine's cumulative CPU times (seconds, all cores) and the current load average."""
     t = psutil.cpu_times()
@@ -105,7 +121,8 @@ def _round(value: float) -> float:
 
 
 def account(before: Mapping[str, float], after: Mapping[str, float], detector_visits: int,
-            stage_cpu: Mapping[str, float] | None = None, ran: Iterable[str] = ()) -> dict[str, Any]:
+            stage_cpu: Mapping[str, float] | None = None, ran: Iterable[str] = (),
+            consumers: tuple[Mapping[str, float], Mapping[str, float]] | None = None) -> dict[str, Any]:
     """The CPU accounting of a night from two :func:`snapshot` s.
 
     Parameters
@@ -120,6 +137,9 @@ def account(before: Mapping[str, float], after: Mapping[str, float], detector_vi
         (``prepare``, ``ingest``, ``run``); the baseline passes its own stages.
     ran
         Extra component names that must appear (and not be zero) in :func:`check`.
+    consumers
+        :func:`own_cpu` at the start and the end of the night: the compute workers' main
+        processes become the ``celery consumer`` stage, apart from ``compute outside stages``.
 
     Returns
     -------
@@ -141,7 +161,12 @@ def account(before: Mapping[str, float], after: Mapping[str, float], detector_vi
         compute = groups.get("compute")
         if compute is not None:  # ours: the stages run inside the compute workers
             stages.update(own)
-            stages["compute outside stages"] = _round(compute - sum(own.values()))
+            consumer = 0.0
+            if consumers is not None:
+                start, end = consumers
+                consumer = sum(max(end[name] - start.get(name, 0.0), 0.0) for name in end if group_of(name) == "compute")
+                stages["celery consumer"] = _round(consumer)
+            stages["compute outside stages"] = _round(compute - sum(own.values()) - consumer)
             stages.update({g: v for g, v in groups.items() if g != "compute"})
         else:  # the baseline: its jobs are one component, split by its own stages
             jobs = sum(v for g, v in groups.items() if g not in GROUPS)

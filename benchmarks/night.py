@@ -441,6 +441,7 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     try:
         sampler.start()
         cpu_before, machine_before = cpu.snapshot(pid_files(run_dir)), cpu.machine_times()
+        consumers_before = cpu.own_cpu(pid_files(run_dir))
         commands_before = _redis_commands(settings)
         with _progress(console) as progress:
             bar = progress.add_task("raws PUT", total=sum(p.spec.snaps for p in plan) * len(detectors))
@@ -448,6 +449,7 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
                           speed=options.speed, on_put=lambda k: progress.advance(bar, k))
             _await(settings, [p.spec.group for p in plan], options.wait_s, progress, detectors, exports=not noop)
         cpu_after, machine_after = cpu.snapshot(pid_files(run_dir)), cpu.machine_times()
+        consumers_after = cpu.own_cpu(pid_files(run_dir))
         commands = _redis_commands(settings) - commands_before
         samples = sampler.stop()
         hashes, exported = _collect(settings, [p.spec.group for p in plan], detectors)
@@ -467,7 +469,8 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     ours["first_vs_warm"] = stats.first_vs_warm(flat)
     ours["ledger"] = hashes
     ours["latency"] = stats.queue_shares(flat)
-    ours["cpu"] = cpu.account(cpu_before, cpu_after, len(flat), stats.stage_cpu(flat))
+    ours["cpu"] = cpu.account(cpu_before, cpu_after, len(flat), stats.stage_cpu(flat),
+                              consumers=(consumers_before, consumers_after))
     ours["cpu"]["check"] = cpu.check(ours["cpu"])
     ours["cpu"]["warm_stages_per_detector_visit"] = stats.warm_stage_cpu(flat)
     ours["cpu"].update(framework_cpu(ours["cpu"], stats.payload_cpu(flat)))

@@ -26,13 +26,14 @@ RESULTS = "benchmarks/results"
 LATENCIES = ("PUT→snap seen", "last snap→pipeline start", "last snap→exported", "last snap→summary",
              "next_visit→prepared")
 #: CPU rows in report order: the detector-visit's path, then the rest of the fleet.
-CPU_ORDER = ("prepare", "wait", "dispatcher", "ingest", "run", "export", "summary", "compute outside stages",
+CPU_ORDER = ("prepare", "wait", "dispatcher", "ingest", "run", "export", "summary", "celery consumer", "compute outside stages",
              "jobs outside stages", "intake", "beat", "redis", "s3")
 CPU_LABELS = {
     "prepare": "prepare (compute stage)", "ingest": "ingest (compute stage)", "run": "run (compute stage)",
     "wait": "wait: ours the gevent wait worker, the baseline's polling", "dispatcher": "dispatcher (bucket events)",
     "export": "export (the baseline's job exports itself)", "summary": "summary worker (summaries, batched export)",
-    "compute outside stages": "compute workers outside the stages (Celery, broker, results, chord)",
+    "celery consumer": "compute workers' Celery consumer (broker, pool, acks, events)",
+    "compute outside stages": "compute pool outside the stages (task tracing, results, chord)",
     "jobs outside stages": "baseline jobs outside their stages", "intake": "intake (announce, router, controller)",
     "beat": "beat", "redis": "Redis", "s3": "S3 server"}
 #: The goals the README reports against (label, limit).

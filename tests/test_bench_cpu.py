@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from benchmarks.capacity import estimate, from_results
-from benchmarks.cpu import account, check, group_of, machine_window, snapshot, tree_cpu
+from benchmarks.cpu import account, check, group_of, machine_window, own_cpu, snapshot, tree_cpu
 from benchmarks.night import BenchOptions, unsaturated, warm_framework
 from benchmarks.readme import BEGIN, END, goal_rows, rewrite
 from benchmarks.stats import detector_visits, queue_shares, stage_cpu, warm_framework_stage_cpu, warm_stage_cpu
@@ -30,6 +30,17 @@ def test_account_sums_components_groups_and_stages() -> None:
     assert acc["per_detector_visit"]["groups"]["compute"] == pytest.approx(0.6)
     assert check(acc) == []
     assert group_of("detector-12") == "compute" and group_of("beat") == "beat"
+
+
+def test_compute_workers_main_processes_are_their_own_stage() -> None:
+    """The Celery consumer of each compute worker is read apart from its pool children."""
+    before = {"detector-1": 10.0, "detector-2": 5.0, "wait": 1.0}
+    after = {"detector-1": 14.0, "detector-2": 7.0, "wait": 1.5}
+    consumers = ({"detector-1": 2.0, "detector-2": 1.0, "wait": 0.5}, {"detector-1": 2.5, "detector-2": 1.25, "wait": 1.0})
+    acc = account(before, after, 10, {"prepare": 1.0, "ingest": 1.0, "run": 3.0}, consumers=consumers)
+    assert acc["stages"]["celery consumer"] == pytest.approx(0.75)  # compute workers only: not the wait worker
+    assert acc["stages"]["compute outside stages"] == pytest.approx(0.25)
+    assert sum(acc["stages"].values()) == pytest.approx(acc["total_cpu_s"]) and check(acc) == []
 
 
 def test_check_finds_what_does_not_add_up() -> None:
@@ -58,6 +69,16 @@ def test_snapshot_of_this_process_tree_counts_reaped_children() -> None:
     subprocess.run([sys.executable, "-c", burn], check=True)  # a child that burns CPU, then is reaped
     assert tree_cpu(me) - start >= 0.04
     assert set(snapshot({"me": os.getpid(), "gone": 2**22 + 12345})) == {"me"}
+
+
+def test_own_cpu_leaves_the_children_out() -> None:
+    me = psutil.Process(os.getpid())
+    before = own_cpu({"me": os.getpid()})["me"]
+    burn = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    own = own_cpu({"me": os.getpid(), "gone": 2**22 + 12345})
+    assert set(own) == {"me"} and own["me"] - before < 0.15  # the child's 0.2 s is not ours
+    assert own["me"] <= tree_cpu(me)
 
 
 def test_machine_window() -> None:
