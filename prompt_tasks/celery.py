@@ -60,7 +60,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # No STARTED state written to the result backend per task (a write and a publish each):
         # nothing reads it, and Flower and monitors see a task start from its task-started event.
         "task_track_started": False,
-        "worker_send_task_events": True,
+        # Task events (three publishes per task, ~40 % of a compute worker's consumer CPU) only
+        # when asked for: Flower enables them on every worker while it runs (``enable_events``).
+        "worker_send_task_events": settings.task_events,
         # No task-sent event per message: announcing 189 detectors would publish 189 more
         # messages (about 40 % of the router's cost); Flower sees tasks from their receipt.
         "task_send_sent_event": False,

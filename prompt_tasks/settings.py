@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(19100, description="Port of the Prometheus metrics endpoint.")
     detector_workers: int = Field(2, description="Compute worker processes the embedded stack starts.")
 
+    task_events: bool = Field(False, description=(
+        "Workers send Celery task events (and the stages' task-stage progress events) from the start. "
+        "Off, they cost nothing until a monitor asks: Flower turns Celery's on every 5 s while it runs."))
     log_json: bool = Field(True, description="Structured JSON log lines (false: plain text).")
     log_level: str = Field("INFO", description="Log level of every process.")
 

@@ -128,7 +128,7 @@ class Fleet:
         """Start the auxiliary worker (threads) on ``queues``; its node name."""
         node = "aux@faults"
         argv = [sys.executable, "-m", "celery", "-A", "prompt_tasks", "worker", "-n", node,
-                "-Q", ",".join(queues), "-P", "threads", "-c", "16", "--loglevel=WARNING", "-E"]
+                "-Q", ",".join(queues), "-P", "threads", "-c", "16", "--loglevel=WARNING"]
         self._spawn("aux", argv)
         return node
 

@@ -205,29 +205,81 @@ def test_redelivered_too_often_is_failed_not_run(worker: Celery, rdb: redis.Redi
     assert read_counters(rdb, "redeliveries") == {"stage=prepare": 1}
 
 
-def test_stage_progress_events(worker: Celery) -> None:
-    """Each stage sends ``task-stage`` events (start, end) that Flower and monitors can follow."""
+def _stage_events(app: Celery, group: str, detector: int, wait: float = 8.0) -> list[dict[str, Any]]:
+    """The ``task-stage`` events of one ``prepare_repo`` call on ``app``'s worker (``wait`` s at most)."""
     import threading
 
     got: list[dict[str, Any]] = []
     ready = threading.Event()
+    deadline = time.monotonic() + wait
 
     def listen() -> None:
-        with worker.connection_for_read() as conn:
+        with app.connection_for_read() as conn:
             def on_event(event: dict[str, Any]) -> None:
                 if event.get("type") == "task-stage":
                     got.append(event)
-                receiver.should_stop = len(got) >= 2
+                receiver.should_stop = len(got) >= 2 or time.monotonic() > deadline  # heartbeats call here too
 
-            receiver = worker.events.Receiver(conn, handlers={"*": on_event})
+            receiver = app.events.Receiver(conn, handlers={"*": on_event})
             ready.set()
-            receiver.capture(limit=None, timeout=30, wakeup=False)
+            receiver.capture(limit=None, timeout=8, wakeup=False)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     ready.wait(10)
     time.sleep(1.0)  # the receiver's queue is bound once capture starts
-    _send(worker, "prompt_tasks.prepare_repo", visit=_visit("events"), detector=3)
+    _send(app, "prompt_tasks.prepare_repo", visit=_visit(group), detector=detector)
     thread.join(30)
+    return got
+
+
+def test_stage_progress_events(settings: Settings) -> None:
+    """With task events on from the start, each stage sends ``task-stage`` events (start, end)
+    that Flower and monitors can follow; a worker also sends Celery's own task events."""
+    from tests.servers import celery_app_for
+
+    with celery_app_for(settings.model_copy(update={"task_events": True})) as app:
+        assert app.conf.worker_send_task_events
+        with start_worker(app, pool="threads", concurrency=4, queues=[QUEUE], perform_ping_check=False,
+                          hostname="detector-9@events", shutdown_timeout=30):
+            got = _stage_events(app, "events", 3)
     assert [(e["phase"], e["stage"], e["detector"]) for e in got] == [("start", "prepare", 3), ("end", "prepare", 3)]
     assert got[1]["outcome"] in ("ok", "failed") and got[1]["group"] == "events"
+
+
+def test_no_stage_events_unless_asked_for(celery_app: Celery) -> None:
+    """By default a worker publishes no task events until a monitor enables them, as Flower does
+    every few seconds while it runs (``enable_events``): then Celery's own task events flow."""
+    assert not celery_app.conf.worker_send_task_events
+    # with its heartbeat, as the fleet's workers run: their event dispatcher is live, task events off
+    with start_worker(celery_app, pool="threads", concurrency=4, queues=[QUEUE], perform_ping_check=False,
+                      hostname="detector-9@quiet", shutdown_timeout=30, without_heartbeat=False):
+        assert _stage_events(celery_app, "quiet", 4, wait=3.0) == []
+        assert _task_events(celery_app, "quiet", wait=3.0) == []
+        assert celery_app.control.enable_events(reply=True, timeout=5)  # what Flower sends
+        assert "task-succeeded" in _task_events(celery_app, "watched")
+
+
+def _task_events(app: Celery, group: str, wait: float = 5.0) -> list[str]:
+    """Types of Celery's own task events seen while one ``prepare_repo`` call runs (``wait`` s at most)."""
+    import threading
+
+    seen: list[str] = []
+    deadline = time.monotonic() + wait
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            def on_event(event: dict[str, Any]) -> None:
+                if event.get("type", "").startswith("task-") and event["type"] != "task-stage":
+                    seen.append(event["type"])
+                receiver.should_stop = "task-succeeded" in seen or time.monotonic() > deadline
+
+            receiver = app.events.Receiver(conn, handlers={"*": on_event})
+            receiver.capture(limit=None, timeout=5, wakeup=False)
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the receiver's queue is bound once capture starts
+    _send(app, "prompt_tasks.prepare_repo", visit=_visit(group), detector=5)
+    thread.join(20)
+    return seen

@@ -108,6 +108,5 @@ def celery_argv(role: Role, index: int = 1, loglevel: str = "INFO") -> list[str]
         "-P", role.pool,
         "-c", str(role.concurrency),
         f"--loglevel={loglevel}",
-        "-E",
         *role.extra,
     ]

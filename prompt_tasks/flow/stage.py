@@ -22,8 +22,8 @@
   benchmark's CPU accounting by stage);
 - every log line inside carries the detector-visit (:func:`prompt_tasks.logs.bound`); the
   stage's duration, outcome, failure code, retries and redeliveries go to the fleet metrics
-  (:mod:`prompt_tasks.store.metrics`); a ``task-stage`` event (``phase`` start/end) reports
-  progress to Flower and any event consumer.
+  (:mod:`prompt_tasks.store.metrics`); with ``settings.task_events`` a ``task-stage`` event
+  (``phase`` start/end) reports progress to Flower and any event consumer.
 
 Task bodies never call ``retry`` themselves. A stage task is declared with
 ``shared_task(bind=True, base=StageTask, stage="<stage>", chained=<bool>, **policy_options(stage))`` (:mod:`prompt_tasks.flow.policy`)
@@ -267,8 +267,9 @@ class StageTask(Task):
 
     def _progress(self, phase: str, instrument: str, group: str, detector: int, worker: str,
                   status: StageStatus | None = None) -> None:
-        """Send a ``task-stage`` event (Flower shows custom task events; monitors may follow)."""
-        if not self.request.id or self.request.called_directly:
+        """Send a ``task-stage`` event (Flower shows custom task events; monitors may follow),
+        when the fleet sends task events from the start (``settings.task_events``)."""
+        if not self.request.id or self.request.called_directly or not context_of(self.app).settings.task_events:
             return
         fields: dict[str, Any] = {"phase": phase, "stage": self.stage, "instrument": instrument,
                                   "group": group, "detector": detector, "worker": worker}
