@@ -23,7 +23,7 @@ bookkeeping around each task); every other component is its own stage.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import psutil
@@ -69,12 +69,13 @@ def tree_cpu(root: psutil.Process) -> float:
     return total
 
 
-def snapshot(pids: Mapping[str, int]) -> dict[str, float]:
-    """Component → cumulative CPU seconds of its process tree (components that are gone: left out)."""
+def snapshot(pids: Mapping[str, int], of: Callable[[psutil.Process], float] = tree_cpu) -> dict[str, float]:
+    """Component → cumulative CPU seconds of its process tree, or what ``of`` reads of its main
+    process (components that are gone: left out)."""
     out = {}
     for name, pid in pids.items():
         try:
-            out[name] = tree_cpu(psutil.Process(pid))
+            out[name] = of(psutil.Process(pid))
         except psutil.Error:
             continue
     return out
@@ -83,14 +84,11 @@ def snapshot(pids: Mapping[str, int]) -> dict[str, float]:
 def own_cpu(pids: Mapping[str, int]) -> dict[str, float]:
     """Component → CPU seconds of its main process alone (without its children, live or reaped):
     a prefork worker's consumer apart from its pool."""
-    out = {}
-    for name, pid in pids.items():
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        out[name] = t.user + t.system
-    return out
+    def main_process(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    return snapshot(pids, of=main_process)
 
 
 def machine_times() -> dict[str, float]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -205,8 +206,10 @@ def test_redelivered_too_often_is_failed_not_run(worker: Celery, rdb: redis.Redi
     assert read_counters(rdb, "redeliveries") == {"stage=prepare": 1}
 
 
-def _stage_events(app: Celery, group: str, detector: int, wait: float = 8.0) -> list[dict[str, Any]]:
-    """The ``task-stage`` events of one ``prepare_repo`` call on ``app``'s worker (``wait`` s at most)."""
+def _events(app: Celery, group: str, detector: int, keep: Callable[[dict[str, Any]], bool],
+            enough: Callable[[list[dict[str, Any]]], bool], wait: float) -> list[dict[str, Any]]:
+    """The events ``keep`` picks while one ``prepare_repo`` call runs on ``app``'s worker, until
+    ``enough`` of them or ``wait`` seconds."""
     import threading
 
     got: list[dict[str, Any]] = []
@@ -216,26 +219,39 @@ def _stage_events(app: Celery, group: str, detector: int, wait: float = 8.0) -> 
     def listen() -> None:
         with app.connection_for_read() as conn:
             def on_event(event: dict[str, Any]) -> None:
-                if event.get("type") == "task-stage":
+                if keep(event):
                     got.append(event)
-                receiver.should_stop = len(got) >= 2 or time.monotonic() > deadline  # heartbeats call here too
+                receiver.should_stop = enough(got) or time.monotonic() > deadline  # heartbeats call here too
 
             receiver = app.events.Receiver(conn, handlers={"*": on_event})
             ready.set()
-            receiver.capture(limit=None, timeout=8, wakeup=False)
+            with contextlib.suppress(TimeoutError):  # no event at all for ``wait`` seconds
+                receiver.capture(limit=None, timeout=wait, wakeup=False)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     ready.wait(10)
     time.sleep(1.0)  # the receiver's queue is bound once capture starts
     _send(app, "prompt_tasks.prepare_repo", visit=_visit(group), detector=detector)
-    thread.join(30)
+    thread.join(wait + 20)
     return got
+
+
+def _stage_events(app: Celery, group: str, detector: int, wait: float = 8.0) -> list[dict[str, Any]]:
+    """The ``task-stage`` events of one ``prepare_repo`` call (a start and an end)."""
+    return _events(app, group, detector, lambda e: e.get("type") == "task-stage", lambda got: len(got) >= 2, wait)
+
+
+def _task_events(app: Celery, group: str, wait: float = 5.0) -> list[str]:
+    """Types of Celery's own task events of one ``prepare_repo`` call, up to its ``task-succeeded``."""
+    got = _events(app, group, 5, lambda e: e.get("type", "").startswith("task-") and e["type"] != "task-stage",
+                  lambda got: any(e["type"] == "task-succeeded" for e in got), wait)
+    return [e["type"] for e in got]
 
 
 def test_stage_progress_events(settings: Settings) -> None:
     """With task events on from the start, each stage sends ``task-stage`` events (start, end)
-    that Flower and monitors can follow; a worker also sends Celery's own task events."""
+    that Flower and monitors can follow."""
     from tests.servers import celery_app_for
 
     with celery_app_for(settings.model_copy(update={"task_events": True})) as app:
@@ -260,26 +276,3 @@ def test_no_stage_events_unless_asked_for(celery_app: Celery) -> None:
         assert "task-succeeded" in _task_events(celery_app, "watched")
 
 
-def _task_events(app: Celery, group: str, wait: float = 5.0) -> list[str]:
-    """Types of Celery's own task events seen while one ``prepare_repo`` call runs (``wait`` s at most)."""
-    import threading
-
-    seen: list[str] = []
-    deadline = time.monotonic() + wait
-
-    def listen() -> None:
-        with app.connection_for_read() as conn:
-            def on_event(event: dict[str, Any]) -> None:
-                if event.get("type", "").startswith("task-") and event["type"] != "task-stage":
-                    seen.append(event["type"])
-                receiver.should_stop = "task-succeeded" in seen or time.monotonic() > deadline
-
-            receiver = app.events.Receiver(conn, handlers={"*": on_event})
-            receiver.capture(limit=None, timeout=5, wakeup=False)
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    time.sleep(1.0)  # the receiver's queue is bound once capture starts
-    _send(app, "prompt_tasks.prepare_repo", visit=_visit(group), detector=5)
-    thread.join(20)
-    return seen
