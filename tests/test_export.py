@@ -17,13 +17,21 @@ from typing import Any
 
 import pytest
 
-from prompt_tasks.butler.export import ExportMessage, ExportWriteError, enqueue, is_exported, pending, stage_outputs
+from prompt_tasks.butler.export import (
+    ExportMessage,
+    ExportWriteError,
+    Queued,
+    enqueue,
+    is_exported,
+    pending,
+    stage_outputs,
+)
 from prompt_tasks.butler.localrepo import repos_of
 from prompt_tasks.butler.stages import central_datastore, ingest, prepare, run
-from prompt_tasks.butler.writer import decide_flush, drain
+from prompt_tasks.butler.writer import decide_flush, drain, needs_drain
 from prompt_tasks.context import Context
 from prompt_tasks.settings import Settings
-from prompt_tasks.store.keys import EXPORT_FAILED, EXPORT_REQUESTS, EXPORT_SCHEDULED
+from prompt_tasks.store.keys import EXPORT_FAILED, EXPORT_LOCK, EXPORT_REQUESTS, EXPORT_SCHEDULED
 from tests.butlerkit import (
     NIGHT_START,
     central_fixture,
@@ -116,6 +124,36 @@ def test_flush_decision() -> None:
     assert decide_flush(3, 6.0, 10, 5.0, False) == 0.0
     assert decide_flush(3, 1.0, 10, 5.0, True) == 0.0
     assert decide_flush(3, 1.0, 10, 5.0, False) == pytest.approx(4.0)
+
+
+def test_a_queued_message_sends_a_drain_only_when_none_has_it_covered() -> None:
+    assert needs_drain(Queued(1, flush_scheduled=False, writing=False), 50)  # nothing will look at the list
+    assert not needs_drain(Queued(7, flush_scheduled=True, writing=False), 50)  # the delayed drain will
+    assert needs_drain(Queued(50, flush_scheduled=True, writing=False), 50)  # a full batch: write it now
+    assert needs_drain(Queued(100, flush_scheduled=True, writing=False), 50)
+    assert not needs_drain(Queued(51, flush_scheduled=True, writing=False), 50)
+    # the writer holding the lock looks at the list again before it lets go
+    assert not needs_drain(Queued(1, flush_scheduled=False, writing=True), 50)
+    assert not needs_drain(Queued(50, flush_scheduled=False, writing=True), 50)
+
+
+def test_a_queued_message_learns_the_writer_state_in_the_same_round_trip(settings: Settings) -> None:
+    context = Context(settings)
+    client = context.redis
+    message = ExportMessage("SimCam", "2026-12-07T00:00:00", 1, "SimCam/prompt/run")
+    client.delete(EXPORT_REQUESTS, EXPORT_SCHEDULED, EXPORT_LOCK)
+    try:
+        assert enqueue(client, message) == Queued(1, flush_scheduled=False, writing=False)
+        client.set(EXPORT_SCHEDULED, "1", px=60_000)
+        assert enqueue(client, message) == Queued(2, flush_scheduled=True, writing=False)
+        lock = client.lock(EXPORT_LOCK, timeout=60, blocking=False)  # the writer's own lock
+        assert lock.acquire(blocking=False)
+        assert enqueue(client, message) == Queued(3, flush_scheduled=True, writing=True)
+        lock.release()
+        assert [ExportMessage.from_json(item) for item in client.lrange(EXPORT_REQUESTS, 0, -1)] == [message] * 3
+    finally:
+        client.delete(EXPORT_REQUESTS, EXPORT_SCHEDULED, EXPORT_LOCK)
+        context.close()
 
 
 def _messages(ctx: Context) -> list[ExportMessage]:

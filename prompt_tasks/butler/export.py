@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prompt_tasks.errors import PermanentError
 from prompt_tasks.objstore import put_bytes
-from prompt_tasks.store.keys import EXPORT_REQUESTS, export_done_key
+from prompt_tasks.store.keys import EXPORT_LOCK, EXPORT_REQUESTS, EXPORT_SCHEDULED, export_done_key
 
 if TYPE_CHECKING:
     import redis
@@ -44,6 +44,7 @@ __all__ = [
     "VISIT_ELEMENTS",
     "ExportMessage",
     "ExportWriteError",
+    "Queued",
     "StagedFile",
     "enqueue",
     "is_exported",
@@ -129,9 +130,26 @@ def wanted(name: str, dataset_types: Sequence[str] | None) -> bool:
     return not name.endswith(_BOOKKEEPING_SUFFIXES) and name != "packages"
 
 
-def enqueue(client: redis.Redis, message: ExportMessage) -> int:
-    """Hand ``message`` to the registry writer; the length of its list."""
-    return int(client.rpush(EXPORT_REQUESTS, message.to_json()))
+@dataclass(frozen=True)
+class Queued:
+    """A message handed to the registry writer, and what the writer was doing as it arrived."""
+
+    #: Length of the writer's list with the message in it.
+    length: int
+    #: A delayed drain is scheduled (:data:`~prompt_tasks.store.keys.EXPORT_SCHEDULED`).
+    flush_scheduled: bool
+    #: A writer holds the lock (:data:`~prompt_tasks.store.keys.EXPORT_LOCK`).
+    writing: bool
+
+
+def enqueue(client: redis.Redis, message: ExportMessage) -> Queued:
+    """Hand ``message`` to the registry writer (one round trip, with the writer's state)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(EXPORT_REQUESTS, message.to_json())
+    pipe.exists(EXPORT_SCHEDULED)
+    pipe.exists(EXPORT_LOCK)
+    length, scheduled, locked = pipe.execute()
+    return Queued(int(length), bool(scheduled), bool(locked))
 
 
 def pending(client: redis.Redis) -> int:

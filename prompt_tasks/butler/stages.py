@@ -43,7 +43,7 @@ from prompt_tasks.butler.selection import (
     load_selection,
     select,
 )
-from prompt_tasks.butler.writer import drain
+from prompt_tasks.butler.writer import drain, needs_drain
 from prompt_tasks.errors import InvalidVisit, PipelineError, RetryLater
 from prompt_tasks.flow.retry import is_transient
 from prompt_tasks.instruments import UnknownInstrument, known_instruments, load_plugin
@@ -429,8 +429,8 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
         dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, graph_refs=outcome.refs,
         visit_records=data.get("visit_records"),
     )
-    enqueue(ctx.redis, message)
-    if poke_export is not None:
+    queued = enqueue(ctx.redis, message)
+    if poke_export is not None and needs_drain(queued, ctx.settings.export_batch):
         poke_export()
     # The visit summary keeps each detector's reason: say which pipeline ran and why others did not.
     ran = f"ran {outcome.pipeline}" + (f" ({why})" if why else "")

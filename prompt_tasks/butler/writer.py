@@ -8,7 +8,9 @@ of messages under a lock, so one writer runs at a time, and registers up to
 worker sent registered as they are (:func:`_register_files`; ``Butler.ingest`` for a file
 sent without its record). The central registry sees a few large transactions
 instead of hundreds of small concurrent ones. A partial batch is written once its oldest
-message is ``settings.export_max_age_s`` old (one delayed flush is scheduled at a time).
+message is ``settings.export_max_age_s`` old (one delayed flush is scheduled at a time); a
+compute worker sends the ``export`` task only when no drain has its message covered already
+(:func:`needs_drain`).
 
 At least once, and idempotent: a message leaves the list only after its batch is committed
 (a writer killed mid-batch loses nothing); dataset ids are the compute worker's, so a message
@@ -17,7 +19,7 @@ rerunning any pipeline. A message that can never be registered (not an export me
 missing from the datastore, another datastore's files, refused by the registry) is parked in
 :data:`~prompt_tasks.store.keys.EXPORT_FAILED` with its reason, counted, and the writer goes on.
 
-The flush decision (:func:`decide_flush`) and message checks are pure; the rest is Redis and
+The flush decisions (:func:`decide_flush`, :func:`needs_drain`) and message checks are pure; the rest is Redis and
 Butler I/O.
 """
 
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import LockError
 
-from prompt_tasks.butler.export import ExportMessage, pending
+from prompt_tasks.butler.export import ExportMessage, Queued, pending
 from prompt_tasks.flow.retry import is_transient
 from prompt_tasks.objstore import exists_many
 from prompt_tasks.store.keys import (
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 
     from prompt_tasks.context import Context
 
-__all__ = ["ExportResult", "Parked", "decide_flush", "drain", "register_batch", "register_isolating"]
+__all__ = ["ExportResult", "Parked", "decide_flush", "drain", "needs_drain", "register_batch", "register_isolating"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,20 @@ def decide_flush(pending: int, oldest_age: float, batch: int, max_age: float, fo
     if force or pending >= batch or oldest_age >= max_age:
         return 0.0
     return max_age - oldest_age
+
+
+def needs_drain(queued: Queued, batch: int) -> bool:
+    """Whether a message just queued must send an ``export`` task for a drain to run.
+
+    A writer holding the lock looks at the list again before it stops, and a scheduled drain
+    writes a partial batch once it is old enough (and schedules the next), so the message is
+    already covered unless neither is true; one that completes a batch sends a drain to write
+    it now. A 189-detector visit's runs ending together send a few export tasks, not 189
+    that find nothing to do. The beat's periodic export is the safety net for a lost one.
+    """
+    if queued.writing:
+        return False
+    return not queued.flush_scheduled or queued.length % max(batch, 1) == 0
 
 
 def _enqueued(item: str) -> float:
