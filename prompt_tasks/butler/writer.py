@@ -19,8 +19,8 @@ rerunning any pipeline. A message that can never be registered (not an export me
 missing from the datastore, another datastore's files, refused by the registry) is parked in
 :data:`~prompt_tasks.store.keys.EXPORT_FAILED` with its reason, counted, and the writer goes on.
 
-The flush decisions (:func:`decide_flush`, :func:`needs_drain`) and message checks are pure; the rest is Redis and
-Butler I/O.
+The flush decisions (:func:`decide_flush`, :func:`needs_drain`) and message checks are pure;
+the rest is Redis and Butler I/O.
 """
 
 from __future__ import annotations
