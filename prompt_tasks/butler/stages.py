@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prompt_tasks.butler.apdb import apdb_config_path, open_apdb
 from prompt_tasks.butler.execute import LoadedPipeline, PipelineCache, remember_installed_packages, run_candidates
-from prompt_tasks.butler.export import enqueue, stage_outputs, visit_records
+from prompt_tasks.butler.export import stage_outputs, visit_records
 from prompt_tasks.butler.ingest import VisitExpectation, ingest_snaps, raw_uri
 from prompt_tasks.butler.localrepo import repos_of
 from prompt_tasks.butler.preload import PreloadTarget, inputs_of, plan_preload, preload
@@ -43,7 +43,7 @@ from prompt_tasks.butler.selection import (
     load_selection,
     select,
 )
-from prompt_tasks.butler.writer import drain, needs_drain
+from prompt_tasks.butler.writer import drain, hand_over
 from prompt_tasks.errors import InvalidVisit, PipelineError, RetryLater
 from prompt_tasks.flow.retry import is_transient
 from prompt_tasks.instruments import UnknownInstrument, known_instruments, load_plugin
@@ -429,9 +429,7 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
         dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, graph_refs=outcome.refs,
         visit_records=data.get("visit_records"),
     )
-    queued = enqueue(ctx.redis, message)
-    if poke_export is not None and needs_drain(queued, ctx.settings.export_batch):
-        poke_export()
+    hand_over(ctx, message, poke_export)
     # The visit summary keeps each detector's reason: say which pipeline ran and why others did not.
     ran = f"ran {outcome.pipeline}" + (f" ({why})" if why else "")
     return _status("run", visit, detector, reason=ran, **outcome.to_dict(), skipped_reason=why,

@@ -8,9 +8,9 @@ of messages under a lock, so one writer runs at a time, and registers up to
 worker sent registered as they are (:func:`_register_files`; ``Butler.ingest`` for a file
 sent without its record). The central registry sees a few large transactions
 instead of hundreds of small concurrent ones. A partial batch is written once its oldest
-message is ``settings.export_max_age_s`` old (one delayed flush is scheduled at a time); a
-compute worker sends the ``export`` task only when no drain has its message covered already
-(:func:`needs_drain`).
+message is ``settings.export_max_age_s`` old (one delayed flush is scheduled at a time). A
+compute worker hands its message over with :func:`hand_over`, which sends the ``export`` task
+only when no drain has the message covered already (:func:`needs_drain`).
 
 At least once, and idempotent: a message leaves the list only after its batch is committed
 (a writer killed mid-batch loses nothing); dataset ids are the compute worker's, so a message
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import LockError
 
-from prompt_tasks.butler.export import ExportMessage, Queued, pending
+from prompt_tasks.butler.export import ExportMessage, Queued, enqueue, pending
 from prompt_tasks.flow.retry import is_transient
 from prompt_tasks.objstore import exists_many
 from prompt_tasks.store.keys import (
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     from prompt_tasks.context import Context
 
-__all__ = ["ExportResult", "Parked", "decide_flush", "drain", "needs_drain", "register_batch", "register_isolating"]
+__all__ = ["ExportResult", "Parked", "decide_flush", "drain", "hand_over", "needs_drain", "register_batch", "register_isolating"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,14 @@ def needs_drain(queued: Queued, batch: int) -> bool:
     if queued.writing:
         return False
     return not queued.flush_scheduled or queued.length % max(batch, 1) == 0
+
+
+def hand_over(ctx: Context, message: ExportMessage, poke: Callable[[], None] | None) -> None:
+    """Queue ``message`` for the writer and ``poke`` (send an ``export`` task) if no drain has
+    it covered (:func:`needs_drain`); ``None``: never poke (the caller drains itself)."""
+    queued = enqueue(ctx.redis, message)
+    if poke is not None and needs_drain(queued, ctx.settings.export_batch):
+        poke()
 
 
 def _enqueued(item: str) -> float:

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 from celery import Task, shared_task
 
 from prompt_tasks.butler.execute import run_candidates
-from prompt_tasks.butler.export import enqueue, stage_outputs
+from prompt_tasks.butler.export import stage_outputs
 from prompt_tasks.butler.ingest import VisitExpectation, ingest_snap
 from prompt_tasks.butler.localrepo import repos_of
 from prompt_tasks.butler.preload import PreloadTarget, inputs_of, plan_preload, preload
 from prompt_tasks.butler.stages import band_of, candidates_for, central_datastore
-from prompt_tasks.butler.writer import needs_drain
+from prompt_tasks.butler.writer import hand_over
 from prompt_tasks.context import Context, context_of
 from prompt_tasks.errors import BadRaw, PermanentError
 from prompt_tasks.flow.policy import policy_options
@@ -226,15 +226,13 @@ def _process(ctx: Context, instrument: str, group: str, detector: int, snap: int
 
     verdict = verdict_summary(_read_verdict(local, outcome.run, instrument, ingested.exposure, detector))
     data["verdict"] = verdict
-    queued = enqueue(ctx.redis, stage_outputs(
+    hand_over(ctx, stage_outputs(
         local, central_datastore(repos.central), instrument=instrument, group=group, detector=detector,
         visit=ingested.exposure, run=str(outcome.run), outputs=outcome.outputs,
         raws={ingested.dataset_id: uri} if ctx.settings.export_raws else {},
         dataset_types=ctx.settings.export_dataset_types, client=ctx.s3, graph_refs=outcome.refs,
-    ))
+    ), poke_export)
     data["export_queued"] = True
-    if poke_export is not None and needs_drain(queued, ctx.settings.export_batch):
-        poke_export()
     passed = "no verdict" if verdict is None else ("passed" if verdict["passed"] else "did not pass")
     return _status(instrument, group, detector, Outcome.OK, f"ran {outcome.pipeline}: {passed}", "",
                    data, times)
