@@ -14,6 +14,7 @@ from celery.signals import setup_logging, worker_process_init, worker_process_sh
 
 from prompt_tasks.context import REDIS_MAX_CONNECTIONS, drop_context, settings_of
 from prompt_tasks.fleet.brokers import TRANSPORT
+from prompt_tasks.fleet.heartbeat import Heartbeat
 from prompt_tasks.fleet.schedule import schedule
 from prompt_tasks.logs import configure_logging
 from prompt_tasks.settings import Settings
@@ -112,6 +113,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         celery_app.prompt_settings = settings  # type: ignore[attr-defined]
     else:
         celery_app.add_defaults(lambda: celery_config(settings_of(celery_app)))
+    # every worker says in Redis that it lives and what it consumes (the queue controller reads it)
+    celery_app.steps["consumer"].add(Heartbeat)
     return celery_app
 
 

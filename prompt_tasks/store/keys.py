@@ -19,6 +19,7 @@ __all__ = [
     "EXPORT_REQUESTS",
     "EXPORT_SCHEDULED",
     "EXPORT_STATS",
+    "FLEET_BEATING",
     "FLEET_QUEUES",
     "FLEET_WORKERS",
     "STREAM_PREFIX",
@@ -26,6 +27,7 @@ __all__ = [
     "VISITS_RECENT",
     "abort_key",
     "arrivals_key",
+    "beat_key",
     "calib_route_key",
     "counter_key",
     "delivery_key",
@@ -158,6 +160,13 @@ AFFINITY_STATE = "affinity:state"
 FLEET_QUEUES = "fleet:queues"
 #: Hash: live workers last seen.
 FLEET_WORKERS = "fleet:workers"
+#: Set: node names of the workers that have sent a heartbeat (:func:`beat_key`).
+FLEET_BEATING = "fleet:beating"
+
+
+def beat_key(node: str) -> str:
+    """String, expiring: one worker's last heartbeat (:mod:`prompt_tasks.fleet.heartbeat`)."""
+    return f"fleet:beat:{node}"
 
 
 def histogram_key(name: str) -> str:
