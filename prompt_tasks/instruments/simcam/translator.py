@@ -71,8 +71,8 @@ def records_from_header(header: Mapping[str, Any], *, all_detectors: bool = Fals
     imgtype = str(header["IMGTYPE"]).upper()
     observation_type = OBSERVATION_TYPES.get(imgtype, imgtype.lower())
     exptime = float(header["EXPTIME"])
-    begin = Time(str(header["DATE-BEG"]), scale="tai")
-    end = Time(str(header["DATE-END"]), scale="tai")
+    begin = Time(str(header["DATE-BEG"]), format="isot", scale="tai")
+    end = Time(str(header["DATE-END"]), format="isot", scale="tai")
     # A zero-length timespan is empty and overlaps nothing (a bias would find no calibration).
     end = max(end, begin + _MIN_SPAN)
     ra, dec, angle = float(header["RA"]), float(header["DEC"]), float(header["ROTPA"])
@@ -102,7 +102,7 @@ def records_from_header(header: Mapping[str, Any], *, all_detectors: bool = Fals
         return records
     nsnaps = int(header.get("MAXINDEX", 1))
     visit = visit_id(day_obs, seq)
-    group_begin = Time(group, scale="tai")
+    group_begin = Time(group, format="isot", scale="tai")
     visit_end = group_begin + ((nsnaps - 1) * (exptime + READOUT_S) + exptime) * u.s
     size = int(header["NAXIS1"])
     n_detectors = max(int(header.get("CAMDETS", 9)), int(header["DETECTOR"]) + 1)
