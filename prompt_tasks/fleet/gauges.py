@@ -1,4 +1,4 @@
-"""The fleet's gauges: queue depths on the broker and the workers that answer a ping.
+"""The fleet's gauges: queue depths on the broker and the workers whose heartbeat is live.
 
 :func:`fleet_gauges` runs as a periodic job and keeps the last measure in Redis
 (:data:`~prompt_tasks.store.keys.FLEET_QUEUES`, :data:`~prompt_tasks.store.keys.FLEET_WORKERS`),
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import redis as redis_lib
 
 from prompt_tasks.fleet.controller import read_assignment
+from prompt_tasks.fleet.heartbeat import read_beats
 from prompt_tasks.store.keys import FLEET_QUEUES, FLEET_WORKERS
 
 if TYPE_CHECKING:
@@ -73,12 +74,15 @@ def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
 
 
 
-def fleet_gauges(app: Celery, ctx: Context, timeout: float = 2.0) -> dict[str, Any]:
-    """Measure queue depths and live workers; write them to Redis for the metrics endpoint."""
+def fleet_gauges(app: Celery, ctx: Context) -> dict[str, Any]:
+    """Measure queue depths and live workers; write them to Redis for the metrics endpoint.
+
+    Live workers are read from their heartbeats (:mod:`prompt_tasks.fleet.heartbeat`), not asked
+    with a ping broadcast that would hold this job's worker slot for its whole reply window.
+    """
     now = time.time()
     depths = queue_depths(app, fleet_queues(app, ctx))
-    replies = app.control.ping(timeout=timeout) or []
-    alive = sorted(node for reply in replies for node in reply)
+    alive = sorted(read_beats(ctx.redis))
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.delete(FLEET_QUEUES)
     pipe.hset(FLEET_QUEUES, mapping={**{q: str(d) for q, d in depths.items()}, "_t": repr(now)})

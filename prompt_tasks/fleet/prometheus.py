@@ -67,7 +67,7 @@ class FleetCollector(Collector):
             log.warning("queue depths unavailable", exc_info=True)
         yield depth
         seen = GaugeMetricFamily("prompt_tasks_worker_last_seen_seconds",
-                                 "seconds since the worker last answered a ping", labels=["node"])
+                                 "seconds since the gauges job last saw the worker's heartbeat", labels=["node"])
         client: redis.Redis = self.ctx.redis
         now = time.time()
         try:
