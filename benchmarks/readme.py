@@ -143,8 +143,6 @@ def cpu_table(result: Mapping[str, Any]) -> list[str]:
     for stage in [s for s in CPU_ORDER if s in stages or s in other] + sorted(set(stages) - set(CPU_ORDER)):
         value, them = stages.get(stage), other.get(stage)
         label = CPU_LABELS.get(stage, stage)
-        if stage == "compute outside stages" and "celery consumer" not in stages:  # a result read before the split
-            label = "compute workers outside the stages (Celery, broker, results, chord)"
         if value is None:
             label += " (baseline only)"
         lines.append(f"| {label} | {_cpu(value) if value is not None else ''} | {_cpu(them) if them is not None else ''} | "
