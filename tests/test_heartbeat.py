@@ -80,3 +80,19 @@ def test_a_worker_beats_its_queues_and_withdraws_when_it_stops(celery_app: Celer
         assert rdb.get(beat_key(node)) == first
     assert node not in read_beats(rdb)
     assert not rdb.exists(beat_key(node))
+
+
+def test_the_workers_table_says_which_workers_beat_and_consume_their_queues() -> None:
+    from rich.console import Console
+
+    from prompt_tasks.cli.fleet import workers_table
+
+    assignment = {"detector-1@a": ["detector.X.000", "detector.X.001"], "detector-2@b": ["detector.X.002"],
+                  "detector-3@c": ["detector.X.003"]}
+    live = {"detector-1@a": {"detector.X.000", "catchup"}, "detector-2@b": {"detector.X.002"}}
+    console = Console(width=120, record=True)
+    console.print(workers_table(assignment, [], {}, 0.0, live))
+    rows = {line.split()[1]: line for line in console.export_text().splitlines() if "detector-" in line}
+    assert "1 not consumed" in rows["detector-1@a"]
+    assert rows["detector-2@b"].rstrip(" │").endswith("ok")
+    assert "missing" in rows["detector-3@c"]

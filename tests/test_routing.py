@@ -204,7 +204,10 @@ def test_assignment_is_balanced_and_visible(controller: QueueController, route_s
     env = child_env(route_settings)
     out = runner.invoke(main, ["workers", "--json"], env=env)
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["assignment"] == by_worker
+    shown = json.loads(out.output)
+    assert shown["assignment"] == by_worker
+    # every worker beats, consuming at least what it was assigned
+    assert all(set(queues) <= set(shown["beats"][worker]) for worker, queues in by_worker.items())
     table = runner.invoke(main, ["workers"], env=env)
     assert table.exit_code == 0 and "RouteCam" in table.output and "last rebalance" in table.output
     status = runner.invoke(main, ["status", "--once"], env=env)

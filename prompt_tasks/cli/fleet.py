@@ -17,6 +17,7 @@ from rich.table import Table
 from prompt_tasks.cli import pass_settings
 from prompt_tasks.context import Context
 from prompt_tasks.fleet.controller import read_assignment, read_events, read_state
+from prompt_tasks.fleet.heartbeat import queues_by_node, read_beats
 from prompt_tasks.flow.router import parse_detector_queue
 from prompt_tasks.settings import Settings, mask_url
 from prompt_tasks.store import ledger
@@ -58,14 +59,25 @@ def _ago(when: float | None, now: float) -> str:
 
 
 def workers_table(assignment: dict[str, list[str]], events: list[dict[str, Any]],
-                  state: dict[str, Any], now: float) -> Table:
-    """The worker → detectors table, captioned with the last rebalance."""
+                  state: dict[str, Any], now: float, live: dict[str, set[str]] | None = None) -> Table:
+    """The worker → detectors table, captioned with the last rebalance.
+
+    ``live``: node → queues from the workers' heartbeats; the ``beat`` column says whether the
+    worker is beating and consumes every queue it was assigned.
+    """
     table = Table(title="Detector queues by worker")
     table.add_column("worker")
     table.add_column("queues", justify="right")
     table.add_column("detectors")
+    if live is not None:
+        table.add_column("beat")
     for worker, queues in assignment.items():
-        table.add_row(worker, str(len(queues)), detector_ranges(queues))
+        row = [worker, str(len(queues)), detector_ranges(queues)]
+        if live is not None:
+            consumed = live.get(worker)
+            missing = [] if consumed is None else sorted(set(queues) - consumed)
+            row.append("missing" if consumed is None else f"{len(missing)} not consumed" if missing else "ok")
+        table.add_row(*row)
     if events:
         last = events[0]
         table.caption = (
@@ -132,7 +144,8 @@ def _visits(ctx: Context, limit: int, finished: int) -> list[ledger.VisitRecord]
 @click.option("--events", "n_events", default=1, show_default=True, help="Rebalance events to include (JSON).")
 @pass_settings
 def workers(settings: Settings, as_json: bool, n_events: int) -> None:
-    """Print which compute worker consumes which detector queues, and the last rebalance."""
+    """Print which compute worker consumes which detector queues, whether each is beating, and
+    the last rebalance (``--json``: also every worker's last heartbeat, its queues)."""
     import redis
 
     ctx = Context(settings)
@@ -140,15 +153,17 @@ def workers(settings: Settings, as_json: bool, n_events: int) -> None:
         assignment = read_assignment(ctx.redis)
         events = read_events(ctx.redis, max(n_events, 1))
         state = read_state(ctx.redis)
+        live = queues_by_node(read_beats(ctx.redis))
     except redis.ConnectionError as exc:
         raise _unreachable(settings, exc) from None
     finally:
         ctx.close()
     if as_json:
-        click.echo(json.dumps({"assignment": assignment, "events": events[:n_events], "state": state},
-                              indent=2, sort_keys=True))
+        beats = {node: sorted(queues) for node, queues in live.items()}
+        click.echo(json.dumps({"assignment": assignment, "events": events[:n_events], "state": state,
+                               "beats": beats}, indent=2, sort_keys=True))
         return
-    Console().print(workers_table(assignment, events, state, time.time()))
+    Console().print(workers_table(assignment, events, state, time.time(), live))
 
 
 @click.command("status")
