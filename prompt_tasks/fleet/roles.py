@@ -108,5 +108,12 @@ def celery_argv(role: Role, index: int = 1, loglevel: str = "INFO") -> list[str]
         "-P", role.pool,
         "-c", str(role.concurrency),
         f"--loglevel={loglevel}",
+        # No start-up sync with every other worker (mingle: a broadcast and a second's wait for
+        # replies, to share revoked task ids, which the fleet never uses) and no subscription
+        # to every other worker's events (gossip: with events on, each worker would receive
+        # every worker's heartbeat, a cost that grows with the square of the fleet). Liveness
+        # is the fleet's own heartbeat (:mod:`prompt_tasks.fleet.heartbeat`).
+        "--without-mingle",
+        "--without-gossip",
         *role.extra,
     ]
