@@ -104,8 +104,9 @@ def _resolve(command: list[str]) -> None:
     path = ["prompt-tasks"]
     while isinstance(cmd, click.Group) and args and not args[0].startswith("-"):
         name = args.pop(0)
-        assert name in cmd.commands, f"{' '.join(path)} has no command {name!r}"
-        cmd = cmd.commands[name]
+        found = cmd.get_command(click.Context(cmd), name)
+        assert found is not None, f"{' '.join(path)} has no command {name!r}"
+        cmd = found
         path.append(name)
     cmd.make_context(" ".join(path), list(args))  # options and arguments parse
     if path[1:2] == ["worker"]:

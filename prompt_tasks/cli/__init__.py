@@ -3,6 +3,8 @@
 The settings are built here, once, from the environment, and handed to every command through
 the click context. Each command family lives in its own module of this package and is
 registered in :data:`COMMAND_MODULES`; an instrument plugin may add its own (``commands``).
+Those modules are imported only when a command of theirs, or the list of commands, is asked
+for: ``prompt-tasks worker``, which replaces itself with a Celery worker, starts without them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,31 @@ COMMAND_MODULES: list[str] = [
 pass_settings = click.make_pass_decorator(Settings)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The commands defined here, then those of the command modules, imported when first needed."""
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in _command_modules():
+                for command in importlib.import_module(module).COMMANDS:
+                    self.add_command(command)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self._loaded:
+            self._load()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Prompt Processing as a Celery task pipeline."""
@@ -75,8 +101,3 @@ def _command_modules() -> list[str]:
     """Our command modules, then those of every instrument plugin (a simulator's, say)."""
     extra = [plugin.commands for plugin in map(load_plugin, sorted(known_instruments())) if plugin.commands]
     return COMMAND_MODULES + sorted(set(extra) - set(COMMAND_MODULES))
-
-
-for _module in _command_modules():
-    for _command in importlib.import_module(_module).COMMANDS:
-        main.add_command(_command)
