@@ -4,6 +4,7 @@ beating with its queues and withdrawing its beat, and the controller's hold-back
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -55,6 +56,21 @@ def test_beats_are_read_in_one_go_and_expire(rdb: redis.Redis) -> None:
     assert sorted(read_beats(rdb)) == ["detector-1@a"]
     # expired and withdrawn names leave the set; a malformed beat stays until it expires
     assert rdb.smembers(FLEET_BEATING) == {"detector-1@a", "broken@d"}
+
+
+def test_a_worker_beating_again_during_a_read_stays_listed(rdb: redis.Redis) -> None:
+    publish(rdb, "detector-4@late", ["q"], ttl_s=0.05)
+    time.sleep(0.2)  # its beat has expired...
+
+    class BeatsDuringRead(redis.Redis):
+        def mget(self, keys: Any, *args: Any) -> Any:
+            out = super().mget(keys, *args)
+            publish(rdb, "detector-4@late", ["q"])  # ...and it beats again just after the read
+            return out
+
+    assert read_beats(BeatsDuringRead(connection_pool=rdb.connection_pool)) == {}
+    assert rdb.smembers(FLEET_BEATING) == {"detector-4@late"}  # missed once, not forgotten
+    assert sorted(read_beats(rdb)) == ["detector-4@late"]
 
 
 def test_an_empty_fleet_has_no_beats(rdb: redis.Redis) -> None:

@@ -46,6 +46,15 @@ RETRY_S = 5.0
 #: Longest wait for Redis in a beat (s): the beat runs on the worker's event loop.
 TIMEOUT_S = 0.5
 
+#: Remove from the set ``KEYS[1]`` each name ``ARGV[i]`` whose beat key ``KEYS[i + 1]`` is absent,
+#: atomically (a plain SREM after the read could drop a worker that has just beaten again).
+_FORGET_SILENT = """
+for i, node in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then redis.call('SREM', KEYS[1], node) end
+end
+return 0
+"""
+
 
 @dataclass(frozen=True)
 class Beat:
@@ -103,8 +112,8 @@ def read_beats(client: redis.Redis) -> dict[str, Beat]:
     raws = client.mget([beat_key(node) for node in nodes])
     beats = {node: decode(node, raw) for node, raw in zip(nodes, raws, strict=True)}
     gone = [node for node, raw in zip(nodes, raws, strict=True) if raw is None]
-    if gone:
-        client.srem(FLEET_BEATING, *gone)
+    if gone:  # only those still without a beat: one that beat since the MGET stays listed
+        client.register_script(_FORGET_SILENT)(keys=[FLEET_BEATING, *map(beat_key, gone)], args=gone)
     return {node: beat for node, beat in beats.items() if beat is not None}
 
 
