@@ -5,8 +5,8 @@ A beat is one expiring key per worker (:func:`~prompt_tasks.store.keys.beat_key`
 queues it consumes) and the worker's name in the set
 :data:`~prompt_tasks.store.keys.FLEET_BEATING`, written by :class:`Heartbeat`, a consumer
 bootstep, from the worker's own event loop: a worker whose loop is stuck stops beating as it
-would stop answering a broadcast. The queue controller reads the whole fleet's beats in one
-round trip (:func:`read_beats`) instead of broadcasting an ``active_queues`` inspect that every
+would stop answering a broadcast. The queue controller reads the whole fleet's beats in two
+round trips (:func:`read_beats`) instead of broadcasting an ``active_queues`` inspect that every
 worker answers, every round; what it costs grows with the fleet only by one small key per
 worker. A worker killed outright is gone once its key expires (:data:`TTL_S`); one shutting
 down withdraws its beat at once (:func:`withdraw`), so its queues move without waiting.
