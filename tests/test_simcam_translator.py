@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import astropy.units as u
 import pytest
 from astropy.io import fits
 from astropy.time import Time
@@ -15,7 +16,7 @@ from prompt_tasks.instruments.simcam.config import SimConfig
 from prompt_tasks.instruments.simcam.formatter import seed_config
 from prompt_tasks.instruments.simcam.instrument import SimCam
 from prompt_tasks.instruments.simcam.raws import simulate_calibration, simulate_snap
-from prompt_tasks.instruments.simcam.translator import RECORD_ORDER, records_from_header
+from prompt_tasks.instruments.simcam.translator import RECORD_ORDER, records_from_header, tai_nsec
 from prompt_tasks.instruments.simcam.visits import VisitSpec, group_id
 
 START = float(Time("2026-11-24T03:21:10.5", scale="tai").unix_tai)
@@ -68,6 +69,20 @@ def test_records_of_a_science_snap(config: SimConfig, visit: VisitSpec) -> None:
     assert region["region"].contains(UnitVector3d(LonLat.fromDegrees(centre.ra.deg, centre.dec.deg)))
     assert vis["region"].contains(region["region"])
     assert len(records_from_header(header, all_detectors=True)["visit_detector_region"]) == 3
+
+
+@pytest.mark.parametrize("isot", ["2026-11-24T03:21:10", "2026-11-24T03:21:10.5", "2026-11-24T03:21:26.500",
+                                  "2027-06-30T23:59:59.999999", "2026-11-24T03:21:10.123456789"])
+def test_header_times_count_nanoseconds_as_the_middleware_does(isot: str) -> None:
+    """The integer route equals daf_butler's astropy conversion, offsets included: records made
+    before and after it describe the same exposures the same way."""
+    from lsst.daf.butler import Timespan
+    from lsst.daf.butler.time_utils import TimeConverter
+
+    time = Time(isot, format="isot", scale="tai")
+    assert tai_nsec(isot) == TimeConverter().astropy_to_nsec(time)
+    span = Timespan(time, time + 47.0 * u.s)
+    assert span.nsec == (tai_nsec(isot), tai_nsec(isot) + round(47.0 * 1e9))
 
 
 def test_calibration_exposures_have_no_visit(config: SimConfig) -> None:
