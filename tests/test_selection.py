@@ -172,3 +172,16 @@ def test_a_compute_worker_imports_every_pipeline_it_may_run_ahead() -> None:
     assert set(import_pipeline_tasks(Settings())) >= {"ApPipe", "SingleFrame", "Trivial"}
     assert {"prompt_tasks.science.isr", "prompt_tasks.science.subtract"} <= set(sys.modules)  # ApPipe's tasks
 
+
+
+def test_the_registry_writer_imports_the_butler_ahead_and_opens_nothing() -> None:
+    import sys
+
+    from prompt_tasks.butler.writer import import_ahead
+    from prompt_tasks.fleet.roles import is_writer_node
+
+    assert is_writer_node("summary@host") and is_writer_node("summary")
+    assert not any(is_writer_node(n) for n in ("detector-1@host", "wait@h", "intake@h", "summary-2@h"))
+    import_ahead()
+    assert {"lsst.daf.butler.direct_butler", "lsst.daf.butler.registry.collections.synthIntKey",
+            "lsst.daf.butler.datastores.fileDatastore"} <= set(sys.modules)

@@ -75,6 +75,7 @@ __all__ = [
     "run",
     "selection_for",
     "warm_process",
+    "warm_writer",
 ]
 
 
@@ -265,6 +266,16 @@ def warm_process(ctx: Context) -> list[str]:
     # the APDB's connection and schema, with a read of a speck of sky (when a pipeline uses it)
     _warm_apdb(ctx, loaded, Circle(UnitVector3d(1.0, 0.0, 0.0), Angle.fromDegrees(1e-4)))
     return [pipeline.name for pipeline in loaded]
+
+
+def warm_writer(ctx: Context) -> None:
+    """Open the central repo the registry writer registers into.
+
+    Meant for a pool process of the writer's worker as it starts (its modules were imported
+    before the fork, :func:`prompt_tasks.butler.writer.import_ahead`): the night's first export
+    then finds it open.
+    """
+    repos_of(ctx).central  # noqa: B018 - opened and kept by the process's Repos
 
 
 def _every_candidate(settings: Settings) -> list[Candidate]:

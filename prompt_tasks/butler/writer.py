@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
     from prompt_tasks.context import Context
 
-__all__ = ["ExportResult", "Parked", "decide_flush", "drain", "hand_over", "needs_drain", "register_batch", "register_isolating"]
+__all__ = ["ExportResult", "Parked", "decide_flush", "drain", "hand_over", "import_ahead", "needs_drain",
+           "register_batch", "register_isolating"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,28 @@ def needs_drain(queued: Queued, batch: int) -> bool:
     if queued.writing:
         return False
     return not queued.flush_scheduled or queued.length % max(batch, 1) == 0
+
+
+def import_ahead() -> None:
+    """Import what opening the central repo and a first drain import, nothing opened.
+
+    Meant for the writer's worker before it forks its pool: each pool process otherwise
+    imports the Butler, its registry managers and its datastore on its first ``export`` task
+    (~2 CPU-s, in the middle of a night). No Butler is opened before the fork (connections and
+    object-store clients are not shared across it); the pool processes open theirs as they start.
+    """
+    import lsst.daf.butler.datastores.fileDatastore
+    import lsst.daf.butler.direct_butler
+    import lsst.daf.butler.registry.databases.postgresql
+    import lsst.daf.butler.registry.databases.sqlite
+    import lsst.daf.butler.registry.sql_registry
+    import lsst.resources.s3  # noqa: F401
+    from lsst.daf.butler.registry import RegistryConfig
+    from lsst.utils import doImport
+
+    for manager in RegistryConfig()["managers"].values():  # the defaults; a repo names its own
+        if isinstance(manager, str):
+            doImport(manager)
 
 
 def hand_over(ctx: Context, message: ExportMessage, poke: Callable[[], None] | None) -> None:

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["CELERY_ROLES", "ROLES", "Role", "celery_argv", "detector_hostname", "is_compute_node"]
+__all__ = ["CELERY_ROLES", "ROLES", "Role", "celery_argv", "detector_hostname", "is_compute_node", "is_writer_node"]
 
 Kind = Literal["worker", "beat", "flower", "process"]
 
@@ -94,6 +94,13 @@ def is_compute_node(node_name: str) -> bool:
     """True for a compute worker's node name (``detector-<N>@host``)."""
     prefix, _, index = node_name.partition("@")[0].partition("-")
     return prefix == "detector" and index.isdigit()
+
+
+def is_writer_node(node_name: str) -> bool:
+    """True for the node name of a worker whose role consumes the registry writer's ``export``
+    queue (``summary@host``)."""
+    role = ROLES.get(node_name.partition("@")[0])
+    return role is not None and role.kind == "worker" and "export" in role.queues
 
 
 def celery_argv(role: Role, index: int = 1, loglevel: str = "INFO") -> list[str]:

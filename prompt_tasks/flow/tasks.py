@@ -36,12 +36,13 @@ from celery.signals import worker_init, worker_process_init
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from prompt_tasks.butler.stages import export_pending, import_pipeline_tasks, prepare, run, warm_process
+from prompt_tasks.butler.stages import export_pending, import_pipeline_tasks, prepare, run, warm_process, warm_writer
 from prompt_tasks.butler.stages import ingest as ingest_snaps
+from prompt_tasks.butler.writer import import_ahead as import_writer_ahead
 from prompt_tasks.context import Context, context_of, settings_of
 from prompt_tasks.daytime.catchup import record_failures
 from prompt_tasks.errors import RetryLater
-from prompt_tasks.fleet.roles import is_compute_node
+from prompt_tasks.fleet.roles import is_compute_node, is_writer_node
 from prompt_tasks.flow.policy import policy_options
 from prompt_tasks.flow.snap import wait_for_snaps
 from prompt_tasks.flow.stage import StageTask
@@ -71,8 +72,9 @@ log = logging.getLogger(__name__)
 def _import_pipelines_before_fork(sender: Any = None, **_: Any) -> None:
     """A compute worker imports its pipelines' task code before forking its pool (see
     :func:`~prompt_tasks.butler.stages.import_pipeline_tasks`): no pool child pays for it on
-    the first visit it runs. Every worker then settles its heap (:func:`~prompt_tasks.heap.settle_heap`),
-    and its pool children inherit it settled."""
+    the first visit it runs; the registry writer's worker imports the Butler's modules the same
+    way (:func:`~prompt_tasks.butler.writer.import_ahead`). Every worker then settles its heap
+    (:func:`~prompt_tasks.heap.settle_heap`), and its pool children inherit it settled."""
     node, app = getattr(sender, "hostname", None) or "", getattr(sender, "app", None)
     if app is not None and is_compute_node(node) and settings_of(app).payload != "noop":
         started = time.process_time()
@@ -83,6 +85,15 @@ def _import_pipelines_before_fork(sender: Any = None, **_: Any) -> None:
         else:
             log.info("imported pipelines %s ahead of the pool (%.1f CPU-s)", ", ".join(names) or "-",
                      time.process_time() - started)
+    elif app is not None and is_writer_node(node) and settings_of(app).payload != "noop":
+        started = time.process_time()
+        try:
+            import_writer_ahead()
+        except Exception:  # the exports report what fails
+            log.warning("registry writer's modules not imported ahead of the pool", exc_info=True)
+        else:
+            log.info("imported the registry writer's modules ahead of the pool (%.1f CPU-s)",
+                     time.process_time() - started)
     settle_heap()
 
 
@@ -91,18 +102,32 @@ def _warm_pool_process(**_: Any) -> None:
     """Each pool process of a compute worker opens the central repo and loads its pipelines as
     it starts (:func:`~prompt_tasks.butler.stages.warm_process`), not on the first visit it
     runs: a worker's slots each start cold, and the second slot's first visit is often the
-    detector's second (``worker_proc_alive_timeout`` leaves it the time). Every pool process
-    then settles its warm heap."""
+    detector's second (``worker_proc_alive_timeout`` leaves it the time). A pool process of the
+    registry writer's worker opens the central repo (:func:`~prompt_tasks.butler.stages.warm_writer`).
+    Every pool process then settles its warm heap."""
     app = current_app
-    if is_compute_node(getattr(app, "prompt_node_name", "") or "") and settings_of(app).payload != "noop":
+    node = getattr(app, "prompt_node_name", "") or ""
+    if is_compute_node(node) and settings_of(app).payload != "noop":
         started = time.process_time()
         try:
             names = warm_process(context_of(app))
+        except FileNotFoundError as exc:  # a fresh stack: the central repo is made after the workers start
+            log.info("pool process not warmed, no central repo yet: %s", exc)
         except Exception:  # a pool process always starts; its first visit reports what fails
             log.warning("pool process warm-up failed", exc_info=True)
         else:
             log.info("pool process warmed with %s (%.1f CPU-s)", ", ".join(names) or "-",
                      time.process_time() - started)
+    elif is_writer_node(node) and settings_of(app).payload != "noop":
+        started = time.process_time()
+        try:
+            warm_writer(context_of(app))
+        except FileNotFoundError as exc:
+            log.info("central repo not opened ahead, none yet: %s", exc)
+        except Exception:  # the central repo may be down: the exports retry and report it
+            log.warning("pool process could not open the central repo ahead", exc_info=True)
+        else:
+            log.info("pool process opened the central repo (%.1f CPU-s)", time.process_time() - started)
     settle_heap()
 
 
