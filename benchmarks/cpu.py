@@ -7,7 +7,9 @@ times plus the times of the children they reaped (a prefork worker's replaced po
 the baseline's ``pipetask`` subprocesses), so nothing that ran and exited in between is lost.
 :func:`account` turns two snapshots, the per-stage CPU the stage tasks recorded in the ledger
 (``dNNN.<stage>.cpu_s``) and the number of detector-visits into the figures, and
-:func:`check` says whether they add up.
+:func:`check` says whether they add up. The night starts once the fleet has settled
+(:func:`settle`): a worker answers ping before its pool processes have opened their repos and
+loaded their pipelines, and that start-up, paid once before a night, is reported apart.
 
 Components are grouped as the fleet's roles (:data:`GROUPS`): ``compute`` (every
 ``detector-N`` worker with its pool children), ``wait``, ``dispatcher``, ``intake`` (the
@@ -23,6 +25,7 @@ bookkeeping around each task); every other component is its own stage.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,6 +41,7 @@ __all__ = [
     "machine_times",
     "machine_window",
     "own_cpu",
+    "settle",
     "snapshot",
     "tree_cpu",
 ]
@@ -89,6 +93,25 @@ def own_cpu(pids: Mapping[str, int]) -> dict[str, float]:
         return times.user + times.system
 
     return snapshot(pids, of=main_process)
+
+
+def settle(pids: Callable[[], Mapping[str, int]], idle_cores: float = 0.15, window_s: float = 1.0,
+           quiet_windows: int = 3, limit_s: float = 60.0) -> dict[str, Any]:
+    """Wait until the components together use less than ``idle_cores`` for ``quiet_windows``
+    windows in a row (their start-up done), at most ``limit_s``; how long that took and the
+    CPU-seconds they spent meanwhile."""
+    started = time.monotonic()
+    first = before = snapshot(pids())
+    quiet = 0
+    while quiet < quiet_windows and time.monotonic() - started < limit_s:
+        time.sleep(window_s)
+        now = snapshot(pids())
+        used = sum(now.get(name, 0.0) - before.get(name, now.get(name, 0.0)) for name in now)
+        quiet = quiet + 1 if used < idle_cores * window_s else 0
+        before = now
+    spent = {name: round(before[name] - first.get(name, 0.0), 2) for name in before}
+    return {"waited_s": round(time.monotonic() - started, 1), "settled": quiet >= quiet_windows,
+            "cpu_s": round(sum(spent.values()), 2), "components": spent}
 
 
 def machine_times() -> dict[str, float]:

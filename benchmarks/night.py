@@ -439,6 +439,9 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
     launcher.up(settings, skip=("flower",), report=lambda c, m: None if options.quiet else say(f"  {c}: {m}"))
     announce, close = _stream_announcer(settings, detectors)
     run_dir = settings.state_dir / "run"
+    # the pool processes warm up after their worker answers ping: the night starts after that
+    startup = cpu.settle(lambda: pid_files(run_dir))
+    say(f"fleet settled in {startup['waited_s']} s ({startup['cpu_s']} CPU-s of start-up, not counted in the night)")
     sampler = Sampler(lambda: pid_files(run_dir))
     played: Played | None = None
     try:
@@ -467,6 +470,7 @@ def run_bench(options: BenchOptions, base: Settings, console: Console) -> dict[s
             launcher.down(settings)
     ours, flat = _analyse(hashes, played.puts, played.announced, exported)
     ours["resources"] = summarize_samples(samples)
+    ours["startup"] = startup
     ours["resource_samples"] = samples
     ours["late_events"] = sum(1 for x in played.late if x > 1.0)
     ours["first_vs_warm"] = stats.first_vs_warm(flat)

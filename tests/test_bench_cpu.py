@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from benchmarks.capacity import estimate, from_results
-from benchmarks.cpu import account, check, group_of, machine_window, own_cpu, snapshot, tree_cpu
+from benchmarks.cpu import account, check, group_of, machine_window, own_cpu, settle, snapshot, tree_cpu
 from benchmarks.night import BenchOptions, unsaturated, warm_framework
 from benchmarks.readme import BEGIN, END, goal_rows, rewrite
 from benchmarks.stats import detector_visits, queue_shares, stage_cpu, warm_framework_stage_cpu, warm_stage_cpu
@@ -159,3 +159,21 @@ def test_readme_rewrite_only_between_the_markers() -> None:
     assert rewrite(text, "new\n") == f"# x\nbefore\n{BEGIN}\nnew\n{END}\nafter\n"
     with pytest.raises(ValueError):
         rewrite("no markers", "new\n")
+
+
+def test_the_night_starts_once_the_fleet_has_settled() -> None:
+    """A component still busy starting up (a burst of CPU, then quiet) is waited for, and its
+    start-up CPU reported apart."""
+    burner = subprocess.Popen([sys.executable, "-c",
+                               "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass\n"
+                               "time.sleep(30)"])
+    try:
+        settled = settle(lambda: {"worker": burner.pid}, idle_cores=0.3, window_s=0.2, quiet_windows=3, limit_s=20)
+        assert settled["settled"] and settled["waited_s"] >= 0.6
+        assert settled["cpu_s"] >= 0.4 and set(settled["components"]) == {"worker"}
+        # already quiet: settled after the quiet windows alone
+        again = settle(lambda: {"worker": burner.pid}, idle_cores=0.3, window_s=0.2, quiet_windows=3, limit_s=20)
+        assert again["settled"] and again["waited_s"] < 2.0 and again["cpu_s"] < 0.2
+    finally:
+        burner.kill()
+        burner.wait()
