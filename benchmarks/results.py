@@ -30,7 +30,7 @@ _OPTIONS = ("detectors", "size", "pipeline", "visits", "snaps", "exptime", "cade
 
 def _run(run: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("detector_visits", "outcomes", "throughput_per_min", "prepared_late", "stages", "latency", "cpu",
-            "machine_window", "first_vs_warm", "workers", "visits", "detectors", "late_events")
+            "machine_window", "first_vs_warm", "workers", "visits", "detectors", "late_events", "startup")
     out = {k: run[k] for k in keep if k in run}
     res = run.get("resources") or {}
     out["resources"] = {k: res.get(k) for k in ("machine_cpu_mean_pct", "machine_cpu_busy_fraction",
