@@ -47,9 +47,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: fl
 
 
 def new_group(prefix: str = "2026-11-24T04") -> str:
-    """A fresh group id."""
+    """A fresh group id.
+
+    Its milliseconds come from the process id but are never ``000``: other tests name groups
+    ``...04:00:NN.000`` by hand, and a run whose pid ended in 000 could reuse their raws.
+    """
     n = next(_groups)
-    return f"{prefix}:{n // 60:02d}:{n % 60:02d}.{os.getpid() % 1000:03d}"
+    return f"{prefix}:{n // 60:02d}:{n % 60:02d}.{os.getpid() % 999 + 1:03d}"
 
 
 def make_visit(instrument: str, nimages: int = 1, start_in: float = 0.0, duration: float = 0.0,
