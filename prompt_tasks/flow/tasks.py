@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from celery import Task, current_app, shared_task
@@ -68,6 +68,22 @@ _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 log = logging.getLogger(__name__)
 
 
+def _ahead(what: str, work: Callable[[], Sequence[str] | None]) -> None:
+    """Do start-up ``work`` (what a first task would otherwise pay for) and log how it went; a
+    failure is logged and left to the tasks, which report it (a missing central repo, as on a
+    fresh stack before anything made it, in one line)."""
+    started = time.process_time()
+    try:
+        names = work()
+    except FileNotFoundError as exc:
+        log.info("%s: not done, %s", what, exc)
+    except Exception:  # a worker and its pool processes always start
+        log.warning("%s: failed", what, exc_info=True)
+    else:
+        log.info("%s: done%s (%.1f CPU-s)", what, f", {', '.join(names) or '-'}" if names is not None else "",
+                 time.process_time() - started)
+
+
 @worker_init.connect
 def _import_pipelines_before_fork(sender: Any = None, **_: Any) -> None:
     """A compute worker imports its pipelines' task code before forking its pool (see
@@ -76,24 +92,12 @@ def _import_pipelines_before_fork(sender: Any = None, **_: Any) -> None:
     way (:func:`~prompt_tasks.butler.writer.import_ahead`). Every worker then settles its heap
     (:func:`~prompt_tasks.heap.settle_heap`), and its pool children inherit it settled."""
     node, app = getattr(sender, "hostname", None) or "", getattr(sender, "app", None)
-    if app is not None and is_compute_node(node) and settings_of(app).payload != "noop":
-        started = time.process_time()
-        try:
-            names = import_pipeline_tasks(settings_of(app))
-        except Exception:  # the worker always starts; the visits report what fails
-            log.warning("pipelines not imported ahead of the pool", exc_info=True)
+    butler_work = app is not None and (is_compute_node(node) or is_writer_node(node))
+    if butler_work and settings_of(app).payload != "noop":
+        if is_compute_node(node):
+            _ahead("importing the pipelines ahead of the pool", lambda: import_pipeline_tasks(settings_of(app)))
         else:
-            log.info("imported pipelines %s ahead of the pool (%.1f CPU-s)", ", ".join(names) or "-",
-                     time.process_time() - started)
-    elif app is not None and is_writer_node(node) and settings_of(app).payload != "noop":
-        started = time.process_time()
-        try:
-            import_writer_ahead()
-        except Exception:  # the exports report what fails
-            log.warning("registry writer's modules not imported ahead of the pool", exc_info=True)
-        else:
-            log.info("imported the registry writer's modules ahead of the pool (%.1f CPU-s)",
-                     time.process_time() - started)
+            _ahead("importing the registry writer's modules ahead of the pool", import_writer_ahead)
     settle_heap()
 
 
@@ -107,27 +111,11 @@ def _warm_pool_process(**_: Any) -> None:
     Every pool process then settles its warm heap."""
     app = current_app
     node = getattr(app, "prompt_node_name", "") or ""
-    if is_compute_node(node) and settings_of(app).payload != "noop":
-        started = time.process_time()
-        try:
-            names = warm_process(context_of(app))
-        except FileNotFoundError as exc:  # a fresh stack: the central repo is made after the workers start
-            log.info("pool process not warmed, no central repo yet: %s", exc)
-        except Exception:  # a pool process always starts; its first visit reports what fails
-            log.warning("pool process warm-up failed", exc_info=True)
+    if (is_compute_node(node) or is_writer_node(node)) and settings_of(app).payload != "noop":
+        if is_compute_node(node):
+            _ahead("warming the pool process", lambda: warm_process(context_of(app)))
         else:
-            log.info("pool process warmed with %s (%.1f CPU-s)", ", ".join(names) or "-",
-                     time.process_time() - started)
-    elif is_writer_node(node) and settings_of(app).payload != "noop":
-        started = time.process_time()
-        try:
-            warm_writer(context_of(app))
-        except FileNotFoundError as exc:
-            log.info("central repo not opened ahead, none yet: %s", exc)
-        except Exception:  # the central repo may be down: the exports retry and report it
-            log.warning("pool process could not open the central repo ahead", exc_info=True)
-        else:
-            log.info("pool process opened the central repo (%.1f CPU-s)", time.process_time() - started)
+            _ahead("opening the central repo ahead", lambda: warm_writer(context_of(app)))
     settle_heap()
 
 
