@@ -115,3 +115,29 @@ def test_records_insert_into_a_repository_and_snaps_share_the_visit(tmp_path: Pa
     assert sorted(r.detector for r in regions) == [0, 1]
     pairs = list(butler.registry.queryDataIds(["exposure", "visit"], instrument="SimCam"))
     assert {(d["exposure"], d["visit"]) for d in pairs} == {(visit.exposure(s), visit.visit) for s in range(2)}
+
+
+def test_a_raws_own_records_expand_its_data_id_as_the_registry_does(tmp_path: Path, config: SimConfig,
+                                                                    visit: VisitSpec) -> None:
+    from prompt_tasks.butler.ingest import own_records
+
+    Butler.makeRepo(str(tmp_path / "repo"), config=seed_config())
+    butler = Butler.from_config(str(tmp_path / "repo"), writeable=True)
+    SimCam().register(butler.registry)
+    merged: dict[str, list[dict]] = {}
+    for snap in range(visit.snaps):
+        for element, found in records_from_header(_header(simulate_snap(config, visit, 1, snap))).items():
+            merged.setdefault(element, []).extend(found)
+    for element in RECORD_ORDER:
+        butler.registry.insertDimensionData(element, *merged[element], skip_existing=True)
+    for snap in range(visit.snaps):
+        exposure = visit.exposure(snap)
+        own = own_records(butler.dimensions, merged, exposure)
+        assert set(own) == {"exposure", "group", "day_obs"}
+        ours = butler.registry.expandDataId(instrument="SimCam", exposure=exposure, detector=1, records=own)
+        theirs = butler.registry.expandDataId(instrument="SimCam", exposure=exposure, detector=1)
+        assert ours == theirs
+        assert {e: ours.records[e] for e in ours.dimensions.elements} == {
+            e: theirs.records[e] for e in theirs.dimensions.elements}
+    # an exposure the records do not hold: nothing of its own, the registry is asked
+    assert own_records(butler.dimensions, merged, 12345) == {}

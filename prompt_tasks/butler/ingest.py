@@ -32,7 +32,7 @@ from prompt_tasks.settings import Settings
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
-    from lsst.daf.butler import Butler, DatasetRef
+    from lsst.daf.butler import Butler, DatasetRef, DimensionRecord, DimensionUniverse
     from minio import Minio
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "fetch_raw",
     "ingest_snap",
     "ingest_snaps",
+    "own_records",
     "parse_header",
     "raw_uri",
 ]
@@ -262,7 +263,8 @@ def _write(butler: Butler, fetched: Sequence[_Fetched], expected: VisitExpectati
     with butler.transaction(), contextlib.ExitStack() as staging:
         inserted = _insert_records(butler, merged, remembered)
         refs = [DatasetRef(dataset_type, butler.registry.expandDataId(
-                    instrument=expected.instrument, exposure=raw.exposure, detector=expected.detector),
+                    instrument=expected.instrument, exposure=raw.exposure, detector=expected.detector,
+                    records=own_records(butler.dimensions, raw.records, raw.exposure)),
                     run=run, id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN) for raw in fetched]
         registered = {ref.id for ref in butler.get_many_datasets([ref.id for ref in refs])}
         new = [ref for ref in refs if ref.id not in registered]
@@ -281,6 +283,27 @@ def _write(butler: Butler, fetched: Sequence[_Fetched], expected: VisitExpectati
         remembered.popitem(last=False)
     return [IngestedSnap(raw.snap, raw.key, raw.exposure, str(ref.id), len(raw.data), raw.records)
             for raw, ref in zip(fetched, refs, strict=True)]
+
+
+def own_records(universe: DimensionUniverse, records: Mapping[str, Sequence[Mapping[str, Any]]],
+                exposure: int) -> dict[str, DimensionRecord]:
+    """The records of the raw's exposure, its group and its day, from its header's translation:
+    the data id is expanded with them instead of reading back what was just inserted (the
+    registry caches the others: instrument, detector, filter). Nothing for an exposure
+    ``records`` does not hold (or holds twice, differently)."""
+
+    def one(element: str, key: str, value: Any) -> Mapping[str, Any] | None:
+        found = [r for r in records.get(element, ()) if r.get(key) == value]
+        return found[0] if found and all(r == found[0] for r in found) else None
+
+    fields = one("exposure", "id", int(exposure))
+    if fields is None:
+        return {}
+    own = {"exposure": universe["exposure"].RecordClass(**fields)}
+    for element, key in (("group", "name"), ("day_obs", "id")):
+        if (found := one(element, key, fields.get(element))) is not None:
+            own[element] = universe[element].RecordClass(**found)
+    return own
 
 
 def _register_raws(butler: Butler, dataset_type: Any, run: str, refs: Sequence[DatasetRef]) -> None:
