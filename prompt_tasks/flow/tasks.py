@@ -92,11 +92,10 @@ def _import_pipelines_before_fork(sender: Any = None, **_: Any) -> None:
     way (:func:`~prompt_tasks.butler.writer.import_ahead`). Every worker then settles its heap
     (:func:`~prompt_tasks.heap.settle_heap`), and its pool children inherit it settled."""
     node, app = getattr(sender, "hostname", None) or "", getattr(sender, "app", None)
-    butler_work = app is not None and (is_compute_node(node) or is_writer_node(node))
-    if butler_work and settings_of(app).payload != "noop":
+    if app is not None and settings_of(app).payload != "noop":
         if is_compute_node(node):
             _ahead("importing the pipelines ahead of the pool", lambda: import_pipeline_tasks(settings_of(app)))
-        else:
+        elif is_writer_node(node):
             _ahead("importing the registry writer's modules ahead of the pool", import_writer_ahead)
     settle_heap()
 
@@ -111,10 +110,10 @@ def _warm_pool_process(**_: Any) -> None:
     Every pool process then settles its warm heap."""
     app = current_app
     node = getattr(app, "prompt_node_name", "") or ""
-    if (is_compute_node(node) or is_writer_node(node)) and settings_of(app).payload != "noop":
+    if settings_of(app).payload != "noop":
         if is_compute_node(node):
             _ahead("warming the pool process", lambda: warm_process(context_of(app)))
-        else:
+        elif is_writer_node(node):
             _ahead("opening the central repo ahead", lambda: warm_writer(context_of(app)))
     settle_heap()
 
