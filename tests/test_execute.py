@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+import uuid
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,53 @@ def test_each_visit_of_a_night_gets_its_own_graph_with_what_its_prepare_brought(
             images = local.query_datasets("difference_image", collections=ran.data["run"], find_first=False,
                                           explain=False)
             assert len(images) == len(exposures)  # one per visit so far, this one's included
+    finally:
+        ctx.close()
+
+
+def test_a_first_attempt_looks_for_no_earlier_outputs_and_a_rerun_finds_them(
+        central: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector-visit's first run in a repo builds and executes without searching for outputs of
+    an earlier attempt; run again there (redelivered after it executed, caught up after a failed
+    export) it finds the first's, runs nothing again, keeps one set and exports it. Taken wrongly
+    for a first attempt, the rerun would collide with them: the record matters."""
+    from prompt_tasks.butler import stages
+    from prompt_tasks.butler.localrepo import Repos, repos_of
+
+    ctx = Context(worker_settings(central, tmp_path / "local"))
+    try:
+        spec = visit_spec(NIGHT_START + 7200, snaps=2, survey="BENCHMARK")  # Trivial
+        keys = put_raws(ctx.settings, spec, [1])
+        assert stages.prepare(ctx, next_visit(spec), 1).ok
+        ingested = stages.ingest(ctx, next_visit(spec), 1, wait_status(spec, 1, keys))
+        assert ingested.ok, ingested.reason
+
+        def outputs(run: str) -> set[str]:
+            local = repos_of(ctx).local("SimCam", 1)
+            return {str(ref.id) for ref in local.query_datasets("raw_summary", collections=run, find_first=False,
+                                                                explain=False)}
+
+        first = stages.run(ctx, next_visit(spec), 1, ingested.to_dict())
+        assert first.ok and first.data["pipeline"] == "Trivial", first.reason
+        assert first.data["first_attempt"] is True
+        made = outputs(first.data["run"])
+        assert len(made) == 2  # one per snap
+        local = repos_of(ctx).local("SimCam", 1)
+        files = [Path(local.getURI(ref).ospath) for ref in local.get_many_datasets([uuid.UUID(i) for i in made])]
+        written = [f.stat().st_mtime_ns for f in files]
+
+        again = stages.run(ctx, next_visit(spec), 1, ingested.to_dict())
+        assert again.ok and again.data["pipeline"] == "Trivial", again.reason
+        assert again.data["first_attempt"] is False and again.data["export_queued"]
+        assert outputs(again.data["run"]) == made
+        assert again.data["n_outputs"] == first.data["n_outputs"]
+        assert [f.stat().st_mtime_ns for f in files] == written  # skipped, not run again
+        assert Repos(ctx.settings).begin_run("SimCam", 1, ingested.data["day_obs"], spec.group) is False
+
+        monkeypatch.setattr(Repos, "begin_run", lambda *args: True)  # the record lost
+        wrong = stages.run(ctx, next_visit(spec), 1, ingested.to_dict())
+        assert not wrong.ok and "ConflictingDefinitionError" in wrong.reason, wrong.reason
+        assert outputs(first.data["run"]) == made
     finally:
         ctx.close()
 

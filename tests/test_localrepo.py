@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,3 +149,26 @@ def test_a_repo_remembers_the_visits_it_was_prepared_for(settings: Settings, tmp
     assert other.was_prepared("SimCam", 4, "g69") and other.was_prepared("SimCam", 4, "g10")
     assert not other.was_prepared("SimCam", 4, "g5") and other.was_prepared("SimCam", 4, "g6")
     assert not other.was_prepared("SimCam", 5, "g69")  # another detector's repo
+
+
+def test_a_repo_records_durably_which_visits_began_their_run(settings: Settings, tmp_path: Path) -> None:
+    """Per night, seen by any process of the host; the first call for a visit is its first attempt."""
+    from prompt_tasks.butler import localrepo
+
+    settings = worker_settings(settings, tmp_path / "local")
+    repos = Repos(settings)
+    repos.path_of("SimCam", 4).mkdir(parents=True)
+    assert repos.begin_run("SimCam", 4, 20261123, "g1") is True
+    assert repos.begin_run("SimCam", 4, 20261123, "g1") is False  # a rerun
+    other = Repos(settings)  # another process of the host (or this one after a restart)
+    assert other.begin_run("SimCam", 4, 20261123, "g1") is False
+    assert other.begin_run("SimCam", 4, 20261123, "g2") is True
+    assert other.begin_run("SimCam", 4, 20261124, "g1") is True  # another night's run
+    repos.path_of("SimCam", 5).mkdir(parents=True)
+    assert repos.begin_run("SimCam", 5, 20261123, "g1") is True  # another detector's repo
+    started = repos.path_of("SimCam", 4) / localrepo._STARTED
+    for night in range(20261125, 20261125 + localrepo._STARTED_NIGHTS_KEPT + 2):
+        time.sleep(0.01)  # distinct modification times
+        assert repos.begin_run("SimCam", 4, night, "g1") is True
+    assert len(list(started.iterdir())) == localrepo._STARTED_NIGHTS_KEPT  # the oldest nights dropped
+    assert not (started / "20261123").exists()

@@ -8,7 +8,8 @@ the others did not.
 
 Outputs go to the RUN collection ``<instrument>/prompt/<day_obs>/<pipeline>/<confighash>``:
 findable by night and pipeline, and safe to rerun (quanta whose outputs are already in the
-run are skipped; partial outputs of a crashed attempt are overwritten).
+run are skipped; partial outputs of a crashed attempt are overwritten). A detector-visit's first
+attempt in a repo (``fresh``) has no earlier outputs to find, and does not look for them.
 
 Pipelines are loaded, configured, hashed and their pipeline graphs resolved once per process,
 and run Butlers opened, and their runs initialized (output dataset types, init-outputs,
@@ -225,12 +226,13 @@ def open_run(butler: Butler, run: str, inputs: Sequence[str], *, skip_existing: 
 
 
 def execute_graph(run_butler: Butler, executor: Any, graph: Any, *, skip_existing: bool = True,
-                  clobber: bool = True, nice: int = 0) -> list[QuantumResult]:
+                  clobber: bool = True, nice: int = 0, fresh: bool = False) -> list[QuantumResult]:
     """Execute every quantum of ``graph`` in this process; how each ended.
 
     The caller has run ``executor.pre_execute_qgraph``. A failed quantum does not raise: its
     result says why, and quanta that depend on it are not run. With ``nice`` the quanta run at
-    that nice value (:func:`at_lower_priority`).
+    that nice value (:func:`at_lower_priority`). With ``fresh`` (no earlier attempt can have
+    left outputs of these quanta in the run) no quantum looks for them before it runs.
     """
     from lsst.pipe.base.mp_graph_executor import MPGraphExecutor, MPGraphExecutorError
     from lsst.pipe.base.single_quantum_executor import SingleQuantumExecutor
@@ -239,7 +241,7 @@ def execute_graph(run_butler: Butler, executor: Any, graph: Any, *, skip_existin
     quantum_executor = SingleQuantumExecutor(
         butler=run_butler, task_factory=TaskFactory(),
         skip_existing_in=[run_butler.run] if skip_existing else None,
-        clobber_outputs=clobber, raise_on_partial_outputs=True,
+        clobber_outputs=clobber, raise_on_partial_outputs=True, assume_no_existing_outputs=fresh,
     )
     graph_executor = MPGraphExecutor(num_proc=1, timeout=2_592_000.0, quantum_executor=quantum_executor)
     with contextlib.suppress(MPGraphExecutorError):  # the report says which quanta failed
@@ -304,11 +306,11 @@ def _raise_in(thread: threading.Thread, error: type[BaseException]) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(error))
 
 
-def _execute(run_butler: Butler, executor: Any, graph: Any, nice: int = 0) -> list[list[str]]:
+def _execute(run_butler: Butler, executor: Any, graph: Any, nice: int = 0, fresh: bool = False) -> list[list[str]]:
     """Execute ``graph``; the failed quanta as ``[label, data id, error]``."""
     return [
         [r.label, r.data_id, f"{r.error_class}: {r.message}" if r.error_class else r.status]
-        for r in execute_graph(run_butler, executor, graph, nice=nice) if r.failed
+        for r in execute_graph(run_butler, executor, graph, nice=nice, fresh=fresh) if r.failed
     ]
 
 
@@ -351,11 +353,19 @@ class _BuiltOnce:
 
 
 def build_graph(run_butler: Butler, executor: Any, candidate: LoadedPipeline, where: str,
-                bind: Mapping[str, Any]) -> Any:
+                bind: Mapping[str, Any], fresh: bool = False) -> Any:
     """The quantum graph of ``candidate`` on the data ``where`` selects.
 
     Built from the pipeline graph resolved once per process (``make_quantum_graph`` rebuilds
     it from the pipeline, configs and all) on the run Butler itself (:class:`_BuiltOnce`).
+
+    The graph keeps every quantum, those an earlier attempt finished included, with the ids of
+    the outputs it left in the run: the executor skips the finished ones and reruns the others
+    (:func:`open_run`), and export finds every output. A graph without the finished quanta
+    would be empty for a finished visit (a run redelivered after it executed, an export caught
+    up), which would then be taken for a candidate without work: nothing exported, or the next
+    candidate run instead. With ``fresh`` (no earlier attempt can have left outputs in the run)
+    the builder does not look for them: one query per output dataset type saved.
     """
     from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
@@ -366,11 +376,16 @@ def build_graph(run_butler: Butler, executor: Any, candidate: LoadedPipeline, wh
     # collection cache for it too: the builder opens its own twice (set-up, skeleton), each
     # resolving the input chains afresh (a quarter of a warm Trivial build)
     with run_butler.registry.transaction(), run_butler.registry.caching_context():
-        # the executor's own skip and clobber choices (:func:`open_run`): graph and execution agree
+        # no skipping here (the executor skips); outputs in the way keep their ids (clobber)
         builder = AllDimensionsQuantumGraphBuilder(
             pipeline_graph, _BuiltOnce(run_butler), where=where, bind=bind,
-            skip_existing_in=executor._skip_existing_in or (), clobber=executor._clobber_output,
+            clobber=executor._clobber_output,
         )
+        if fresh:
+            # Set up on the existing run, the builder has found its init-outputs (configs,
+            # schemas) to reuse; the visit's own outputs cannot be there yet, so the per-visit
+            # search for an earlier attempt's is left out.
+            builder.output_run_exists = False
         return builder.build(metadata=metadata, attach_datastore_records=False)
 
 
@@ -416,7 +431,7 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
                    opener: Callable[[Butler, str, Sequence[str]], tuple[Butler, Any]] = open_run,
                    nice: int = 0,
                    starting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-                   initialized: set[int] | None = None) -> RunOutcome:
+                   initialized: set[int] | None = None, fresh: bool = False) -> RunOutcome:
     """Run the first candidate with a non-empty quantum graph; see the module doc.
 
     ``nice``: the nice value its quanta run at (:func:`at_lower_priority`). ``starting``: a
@@ -425,6 +440,8 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
     ``id()`` of the executors whose run this process has initialized (the output dataset types
     registered, the init-outputs and configs written or checked against the run's); an
     executor found there skips it, and one initialized now is added (``None``: every time).
+    ``fresh``: the first attempt of this detector-visit in ``local``, so no output of an earlier
+    attempt can be in the way; neither the graph build nor the quanta look for one.
 
     Raises
     ------
@@ -440,7 +457,7 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
         with starting():
             t0, graph_cpu0 = time.perf_counter(), time.process_time()
             try:
-                graph = build_graph(run_butler, executor, candidate, where, bind)
+                graph = build_graph(run_butler, executor, candidate, where, bind, fresh)
             except Exception as exc:  # noqa: BLE001 - a failed graph build falls through
                 message = str(exc)
                 message = message if len(message) <= 240 else message[:237] + "..."
@@ -459,7 +476,7 @@ def run_candidates(local: Butler, candidates: Sequence[LoadedPipeline], instrume
                 if initialized is not None:
                     initialized.add(id(executor))
         cpu0 = time.process_time()
-        failed = _execute(run_butler, executor, graph, nice)
+        failed = _execute(run_butler, executor, graph, nice, fresh)
         # the CPU of the quanta themselves: the science payload, apart from the framework's own cost
         outcome = RunOutcome(
             candidate.name, run, attempts, _outputs(graph), quanta, failed,

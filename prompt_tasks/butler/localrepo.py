@@ -16,6 +16,7 @@ and the repos' start-up are paid once, not per visit.
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -45,6 +46,12 @@ _TEMPLATE = "template"
 _PREPARED = "prompt_tasks_prepared"
 #: How many prepared visits a local repo remembers (a few nights of one detector's visits in flight).
 _PREPARED_KEPT = 64
+#: A directory in a local repo: per night (day_obs), a file listing the visits whose pipeline run
+#: began in the repo.
+_STARTED = "prompt_tasks_started"
+#: How many nights of started runs a local repo remembers (a catch-up reruns a visit of the last
+#: nights; an output run is one night's).
+_STARTED_NIGHTS_KEPT = 7
 
 
 def seed_config_for(instrument: str) -> Config:
@@ -268,6 +275,41 @@ class Repos:
         """
         return group in self._prepared_groups(self.path_of(instrument, detector) / _PREPARED)
 
+    def begin_run(self, instrument: str, detector: int, day_obs: int | str, group: str) -> bool:
+        """Record that the pipeline run of visit ``group`` begins in the detector's local repo;
+        True when it is the visit's first attempt there.
+
+        A first attempt cannot meet outputs of an earlier one, so its graph build and its quanta
+        need not look for them (``fresh`` in :func:`prompt_tasks.butler.execute.run_candidates`);
+        a rerun in the same repo (redelivered after a crash, retried, caught up) finds the
+        record and looks. The record is on disk before the run begins (written and synced
+        under a lock shared by the host's processes), so a rerun after a host crash finds it
+        too; it goes with the repo when the repo is deleted, as the outputs do.
+        """
+        directory = self.path_of(instrument, detector) / _STARTED
+        if not directory.is_dir():
+            directory.mkdir()
+            _sync_directory(directory.parent)
+        path = directory / str(day_obs)
+        created = not path.exists()
+        with open(path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                handle.seek(0)
+                if group in handle.read().split():
+                    return False
+                handle.write(f"{group}\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        if created:
+            _sync_directory(directory)
+            nights = sorted(directory.iterdir(), key=_modified, reverse=True)
+            for old in nights[_STARTED_NIGHTS_KEPT:]:
+                old.unlink(missing_ok=True)  # another process of the host may prune it too
+        return True
+
     @staticmethod
     def _prepared_groups(path: Path) -> list[str]:
         try:
@@ -299,6 +341,23 @@ class Repos:
             if self._central is not None:
                 self._central.close()
                 self._central = None
+
+
+def _modified(path: Path) -> float:
+    """When ``path`` was last written (0 when it is gone)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _sync_directory(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a file just created in it)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def repos_of(ctx: Context) -> Repos:

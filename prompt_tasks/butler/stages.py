@@ -413,17 +413,20 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
         return _status("run", visit, detector, redone.outcome, f"redo on this host: {redone.reason}", redone.code)
     inputs = [str(data.get("raw_run") or _instrument(plugin).makeDefaultRawIngestRunName()),
               _instrument(plugin).makeUmbrellaCollectionName()]
+    day_obs = data.get("day_obs") or "unknown"
+    # the visit's first attempt in this repo: no earlier attempt's outputs to look for
+    first = repos.begin_run(visit.instrument, detector, day_obs, visit.groupId)
     try:
         outcome = run_candidates(local, candidates, visit.instrument, int(detector), exposures,
-                                 data.get("day_obs") or "unknown", inputs, opener=_pipelines(ctx).open_run,
+                                 day_obs, inputs, opener=_pipelines(ctx).open_run,
                                  nice=ctx.settings.pipeline_nice,
                                  starting=lambda: repos.starting_run(visit.instrument, detector),
-                                 initialized=_pipelines(ctx).initialized)
+                                 initialized=_pipelines(ctx).initialized, fresh=first)
     except PipelineError as exc:
         failed = getattr(exc, "outcome", None)
         _record(ctx, visit, detector, {"run.pipeline": failed.pipeline if failed else ""})
         return _status("run", visit, detector, Outcome.FAILED, str(exc), exc.code,
-                       **(failed.to_dict() if failed else {}))
+                       **(failed.to_dict() if failed else {}), first_attempt=first)
     why = "; ".join(f"{a.pipeline}: {a.reason}" for a in outcome.attempts if not a.ran)
     _record(ctx, visit, detector, {
         "run.pipeline": outcome.pipeline or "",
@@ -432,7 +435,7 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     })
     if outcome.pipeline is None:
         return _status("run", visit, detector, Outcome.SKIPPED, f"no candidate pipeline has work: {why}",
-                       "no_pipeline", **outcome.to_dict())
+                       "no_pipeline", **outcome.to_dict(), first_attempt=first)
     message = stage_outputs(
         local, central_datastore(repos.central), instrument=visit.instrument, group=visit.groupId,
         detector=int(detector), visit=int(data.get("visit") or exposures[0]), run=str(outcome.run),
@@ -444,7 +447,7 @@ def run(ctx: Context, raw_visit: Mapping[str, Any], detector: int, ingest_status
     # The visit summary keeps each detector's reason: say which pipeline ran and why others did not.
     ran = f"ran {outcome.pipeline}" + (f" ({why})" if why else "")
     return _status("run", visit, detector, reason=ran, **outcome.to_dict(), skipped_reason=why,
-                   export_queued=True)
+                   export_queued=True, first_attempt=first)
 
 
 def _raw_sources(ctx: Context, ingest_data: Mapping[str, Any]) -> dict[str, str]:
