@@ -219,7 +219,11 @@ def open_run(butler: Butler, run: str, inputs: Sequence[str], *, skip_existing: 
     from lsst.daf.butler import Butler
     from lsst.pipe.base.separable_pipeline_executor import SeparablePipelineExecutor
 
-    run_butler = Butler.from_config(butler=butler, collections=[run, *[c for c in inputs if c != run]], run=run)
+    # no default data id inferred from the collections: every query here names its instrument,
+    # and inferring one reads each input collection's summary (for this Butler and for the
+    # executor's own clone of it: a third of a detector's first run)
+    run_butler = Butler.from_config(butler=butler, collections=[run, *[c for c in inputs if c != run]], run=run,
+                                    inferDefaults=False)
     executor = SeparablePipelineExecutor(run_butler, clobber_output=clobber,
                                          skip_existing_in=[run] if skip_existing else None)
     return run_butler, executor
