@@ -9,7 +9,8 @@ the others did not.
 Outputs go to the RUN collection ``<instrument>/prompt/<day_obs>/<pipeline>/<confighash>``:
 findable by night and pipeline, and safe to rerun (quanta whose outputs are already in the
 run are skipped; partial outputs of a crashed attempt are overwritten). A detector-visit's first
-attempt in a repo (``fresh``) has no earlier outputs to find, and does not look for them.
+attempt in a repo (``fresh``) has no earlier outputs to find, and does not look for them: its
+quanta register what they put as new datasets.
 
 Pipelines are loaded, configured, hashed and their pipeline graphs resolved once per process,
 and run Butlers opened, and their runs initialized (output dataset types, init-outputs,
@@ -30,7 +31,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ __all__ = [
     "execute_graph",
     "open_run",
     "output_run",
+    "outputs_registered_as_new",
     "remember_installed_packages",
     "run_candidates",
     "visit_where",
@@ -236,7 +238,8 @@ def execute_graph(run_butler: Butler, executor: Any, graph: Any, *, skip_existin
     The caller has run ``executor.pre_execute_qgraph``. A failed quantum does not raise: its
     result says why, and quanta that depend on it are not run. With ``nice`` the quanta run at
     that nice value (:func:`at_lower_priority`). With ``fresh`` (no earlier attempt can have
-    left outputs of these quanta in the run) no quantum looks for them before it runs.
+    left outputs of these quanta in the run) no quantum looks for them before it runs, and what
+    they put is registered as new (:func:`outputs_registered_as_new`).
     """
     from lsst.pipe.base.mp_graph_executor import MPGraphExecutor, MPGraphExecutorError
     from lsst.pipe.base.single_quantum_executor import SingleQuantumExecutor
@@ -248,7 +251,8 @@ def execute_graph(run_butler: Butler, executor: Any, graph: Any, *, skip_existin
         clobber_outputs=clobber, raise_on_partial_outputs=True, assume_no_existing_outputs=fresh,
     )
     graph_executor = MPGraphExecutor(num_proc=1, timeout=2_592_000.0, quantum_executor=quantum_executor)
-    with contextlib.suppress(MPGraphExecutorError):  # the report says which quanta failed
+    registering = outputs_registered_as_new(run_butler) if fresh else contextlib.nullcontext()
+    with contextlib.suppress(MPGraphExecutorError), registering:  # the report says which quanta failed
         at_lower_priority(nice, lambda: executor.run_pipeline(graph, graph_executor=graph_executor))
     report = graph_executor.getReport()
     results = []
@@ -258,6 +262,30 @@ def execute_graph(run_butler: Butler, executor: Any, graph: Any, *, skip_existin
         results.append(QuantumResult(quantum.taskLabel or "", str(quantum.dataId), status,
                                      info.className if info else "", info.message if info else ""))
     return results
+
+
+@contextlib.contextmanager
+def outputs_registered_as_new(run_butler: Butler) -> Iterator[None]:
+    """While a first attempt's quanta run, each output they put is registered as new.
+
+    ``Butler.put`` of a dataset whose id the graph chose registers it with the registry's
+    guarded import: a temporary table, seven statements compiled afresh for it (its name is
+    new every time), a check against existing datasets, for every output, metadata and log
+    alike (more than half of a Trivial quantum's CPU). On a first attempt none of them can exist
+    (:meth:`~prompt_tasks.butler.localrepo.Repos.begin_run`), so the registry's import for new
+    datasets is used instead: two inserts, and a dataset that exists after all fails the quantum
+    on the database's own constraints instead of being taken for this attempt's.
+    Only this run Butler's registry is switched, and only for the execution.
+    """
+    registry = getattr(run_butler, "_registry", None)
+    if registry is None or not hasattr(type(registry), "_importDatasets"):
+        yield  # not a direct Butler: its own put
+        return
+    registry._importDatasets = functools.partial(type(registry)._importDatasets, registry, assume_new=True)
+    try:
+        yield
+    finally:
+        del registry._importDatasets
 
 
 def at_lower_priority[T](nice: int, work: Callable[[], T]) -> T:
